@@ -1,0 +1,180 @@
+"""The engine loop body: requests in, one scheduled model step at a time, token outputs out.
+
+Used in-process by `ember.Engine` and inside the engine process behind the HTTP server.
+"""
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+
+from ember.engine.detokenizer import IncrementalDetokenizer
+from ember.engine.io_struct import GenerateReq, TokenOut
+from ember.engine.model_runner import ModelRunner
+from ember.engine.radix_cache import RadixCache
+from ember.engine.request import Req
+from ember.engine.sampler import Sampler
+from ember.engine.scheduler import Scheduler
+from ember.server_args import ServerArgs
+
+logger = logging.getLogger("ember.engine")
+
+
+def eos_token_ids_of(model_dir, hf_config, tokenizer) -> list[int]:
+    ids = set()
+    for src in (hf_config, getattr(hf_config, "text_config", None)):
+        eos = getattr(src, "eos_token_id", None) if src is not None else None
+        ids.update(eos if isinstance(eos, (list, tuple)) else [eos] if eos is not None else [])
+    try:
+        from transformers import GenerationConfig
+        eos = GenerationConfig.from_pretrained(model_dir).eos_token_id
+        ids.update(eos if isinstance(eos, (list, tuple)) else [eos] if eos is not None else [])
+    except Exception:  # no generation_config.json
+        pass
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return sorted(ids)
+
+
+class EngineCore:
+    def __init__(self, server_args: ServerArgs | None = None, **kwargs):
+        from transformers import AutoConfig, AutoTokenizer
+        from ember.loader import resolve_model_dir
+
+        self.args = args = server_args or ServerArgs.from_kwargs(**kwargs)
+        torch.manual_seed(args.random_seed)
+        self.model_dir = resolve_model_dir(args.model_path)
+        self.hf_config = AutoConfig.from_pretrained(self.model_dir, trust_remote_code=args.trust_remote_code)
+        self.tokenizer = AutoTokenizer.from_pretrained(args.tokenizer_path or self.model_dir,
+                                                       trust_remote_code=args.trust_remote_code)
+        self.runner = ModelRunner(self.model_dir, self.hf_config, args)
+        cfg = self.runner.config
+        self.vocab_size = cfg.vocab_size
+        self.context_length = args.context_length or cfg.max_position_embeddings
+        self.eos_token_ids = eos_token_ids_of(self.model_dir, self.hf_config, self.tokenizer)
+        kv = self.runner.kv_cache
+        radix = None
+        if not args.disable_radix_cache:
+            if "swa" in kv.groups:
+                logger.info("prefix cache disabled: sliding-window layers keep only the window")
+            else:
+                radix = RadixCache(kv.allocators["full"], kv.page_size)
+        self.radix = radix
+        self.scheduler = Scheduler(kv.allocators, kv.page_size, window=self.runner.window, radix=radix,
+                                   max_running=args.max_running_requests, chunk_size=args.chunked_prefill_size)
+        self.sampler = Sampler(self.vocab_size, self.eos_token_ids, self.runner.device)
+        self._aborted: list[Req] = []
+        self.num_generated = 0
+
+    # ------------------------------------------------------------------ requests
+    def add_request(self, g: GenerateReq) -> None:
+        sp = g.sampling
+        if not g.input_ids:
+            raise ValueError("the prompt is empty")
+        sp.validate(self.vocab_size)
+        if any(not 0 <= t < self.vocab_size for t in g.input_ids):
+            raise ValueError(f"prompt token ids must be in [0, {self.vocab_size})")
+        total = len(g.input_ids) + sp.max_new_tokens
+        if total > self.context_length:
+            raise ValueError(
+                f"This model's maximum context length is {self.context_length} tokens. However, you requested "
+                f"{total} tokens ({len(g.input_ids)} in the messages, {sp.max_new_tokens} in the completion). "
+                f"Please reduce the length of the messages or completion.")
+        capacity = self.runner.kv_cache.allocators["full"].total * self.runner.kv_cache.page_size
+        if total > capacity:
+            raise ValueError(f"request needs {total} tokens of KV cache but the pool holds only {capacity}")
+        req = Req(g.rid, list(g.input_ids), sp, return_prompt_logprobs=g.return_prompt_logprobs)
+        req.detok = IncrementalDetokenizer(self.tokenizer, req.prompt_ids, sp.stop, sp.skip_special_tokens)
+        self.scheduler.add(req)
+
+    def abort(self, rid: str) -> None:
+        req = self.scheduler.remove(rid)
+        if req is not None:
+            req.finished, req.finish_reason = True, "abort"
+            self._aborted.append(req)
+
+    def has_work(self) -> bool:
+        return self.scheduler.has_work() or bool(self._aborted)
+
+    def flush_cache(self) -> bool:
+        if self.scheduler.has_work():
+            return False
+        return self.radix.reset() if self.radix is not None else True
+
+    def stats(self) -> dict:
+        kv = self.runner.kv_cache
+        full = kv.allocators["full"]
+        return {
+            "page_size": kv.page_size,
+            "total_pages": full.total,
+            "free_pages": full.num_free,
+            "cached_pages": self.radix.num_pages if self.radix is not None else 0,
+            "running": len(self.scheduler.running),
+            "waiting": len(self.scheduler.waiting),
+            "total_preemptions": self.scheduler.total_preemptions,
+            "pools": {g: {"total": a.total, "free": a.num_free} for g, a in kv.allocators.items()},
+        }
+
+    def prompt_logits(self, token_ids: list[int]) -> torch.Tensor:
+        """Logits [len, vocab] at every prompt position, computed outside the batch loop (prompt
+        logprobs, tests). Uses temporary pages; needs an idle engine or a pool with room."""
+        from ember.engine.sampling_params import SamplingParams
+        req = Req("_prompt_logits", list(token_ids), SamplingParams())
+        for g in self.runner.kv_cache.groups:
+            req.page_tables[g] = []
+        if not self.scheduler._try_alloc(req, len(token_ids)):
+            raise RuntimeError("no free KV pages for prompt logits")
+        try:
+            return self.runner.forward([req], [len(token_ids)], all_positions=True)
+        finally:
+            self.scheduler.release(req)
+
+    # ------------------------------------------------------------------ the step
+    def step(self) -> list[TokenOut]:
+        outs = [self._report(r) for r in self._aborted]
+        self._aborted.clear()
+        batch = self.scheduler.schedule()
+        if batch is None:
+            return outs
+        logits = self.runner.forward(batch.reqs, batch.extend_lens)
+        for req, n in zip(batch.reqs, batch.extend_lens):
+            req.kv_len += n
+        ready = [i for i, r in enumerate(batch.reqs) if r.extend_len == 0]  # prefill done: sample
+        if ready:
+            reqs = [batch.reqs[i] for i in ready]
+            next_ids, logprobs = self.sampler.sample(logits[ready], reqs)
+            for j, (req, tok) in enumerate(zip(reqs, next_ids)):
+                self._append_token(req, tok, logprobs[j] if logprobs else None)
+                if req.finished:
+                    self.scheduler.finish(req)
+                outs.append(self._report(req))
+        return outs
+
+    def _append_token(self, req: Req, tok: int, logprob) -> None:
+        sp = req.sampling
+        req.token_ids.append(tok)
+        req.pending_ids.append(tok)
+        if logprob is not None:
+            req.pending_logprobs.append(logprob)
+        self.num_generated += 1
+        is_stop_token = (tok in sp.stop_token_ids) or (not sp.ignore_eos and tok in self.eos_token_ids)
+        if is_stop_token:
+            req.finished, req.finish_reason, req.matched_stop = True, "stop", tok
+        else:
+            matched = req.detok.add(tok)
+            if matched is not None:
+                req.finished, req.finish_reason, req.matched_stop = True, "stop", matched
+        if not req.finished and req.num_output >= sp.max_new_tokens:
+            req.finished, req.finish_reason = True, "length"
+        if req.finished and not isinstance(req.matched_stop, str):
+            req.detok.flush()  # emit a trailing incomplete character rather than lose it
+
+    def _report(self, req: Req) -> TokenOut:
+        out = TokenOut(
+            rid=req.rid, new_token_ids=req.pending_ids, text_delta=req.detok.take_delta(final=req.finished),
+            finished=req.finished, finish_reason=req.finish_reason, matched_stop=req.matched_stop,
+            prompt_tokens=len(req.prompt_ids), completion_tokens=req.num_output,
+            cached_tokens=req.cached_tokens or 0, logprobs=req.pending_logprobs or None)
+        req.pending_ids, req.pending_logprobs = [], []
+        return out

@@ -1,0 +1,63 @@
+"""The KV cache: fixed-size pages from one preallocated pool per layer group.
+
+A request owns a page table (list of page ids) per group; the slot of token position `p` is
+`page_table[p // page_size] * page_size + p % page_size`. Page 0 is never handed out: padding slots point
+at it. Models with sliding-window layers get a second group ("swa") whose pages are returned as soon as
+they fall out of the window, so those layers never hold more than the window per request.
+"""
+from __future__ import annotations
+
+import torch
+
+
+class PageAllocator:
+    def __init__(self, num_pages: int):
+        if num_pages < 2:
+            raise ValueError(f"KV pool too small: {num_pages} pages")
+        self.num_pages = num_pages
+        self._free = list(range(num_pages - 1, 0, -1))  # page 0 is the padding page
+
+    @property
+    def total(self) -> int:
+        return self.num_pages - 1
+
+    @property
+    def num_free(self) -> int:
+        return len(self._free)
+
+    def alloc(self, n: int) -> list[int] | None:
+        if n > len(self._free):
+            return None
+        if n == 0:
+            return []
+        pages = self._free[-n:]
+        del self._free[-n:]
+        return pages
+
+    def free(self, pages) -> None:
+        self._free.extend(p for p in pages if p > 0)
+
+
+class KVCache:
+    def __init__(self, groups: dict[str, list[int]], pages_per_group: dict[str, int], page_size: int,
+                 num_kv_heads: int, head_dim: int, dtype: torch.dtype, device):
+        self.page_size = page_size
+        self.allocators = {g: PageAllocator(pages_per_group[g]) for g in groups}
+        self.layer_group = {layer: g for g, layers in groups.items() for layer in layers}
+        self.k: dict[int, torch.Tensor] = {}
+        self.v: dict[int, torch.Tensor] = {}
+        for layer, g in self.layer_group.items():
+            slots = pages_per_group[g] * page_size
+            self.k[layer] = torch.zeros(slots, num_kv_heads, head_dim, dtype=dtype, device=device)
+            self.v[layer] = torch.zeros(slots, num_kv_heads, head_dim, dtype=dtype, device=device)
+
+    @staticmethod
+    def bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
+        return num_layers * 2 * num_kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
+
+    def layer(self, layer_id: int):
+        return self.k[layer_id], self.v[layer_id]
+
+    @property
+    def groups(self) -> list[str]:
+        return list(self.allocators)

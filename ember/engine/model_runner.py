@@ -1,0 +1,136 @@
+"""Loads a model onto a device, owns its KV cache, and turns a scheduled batch into logits."""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import torch
+
+from ember.engine.kv_pool import KVCache
+from ember.layers.attention import AttentionMetadata
+from ember.layers.rotary import RotaryEmbedding
+from ember.models import model_class_for, text_config_of
+from ember.models.llama import head_dim_of
+
+logger = logging.getLogger("ember.engine")
+
+
+@dataclass
+class ForwardBatch:
+    input_ids: torch.Tensor  # [T]
+    positions: torch.Tensor  # [T]
+    attn: dict[str, AttentionMetadata]  # per KV group
+    kv_cache: KVCache
+    logit_index: torch.Tensor  # [B] index (into T) of each request's last token
+
+
+def load_model(model_dir, hf_config, dtype: torch.dtype, device: str):
+    from ember.loader import iter_weights
+    cls = model_class_for(hf_config)
+    config = text_config_of(hf_config)
+    t0 = time.monotonic()
+    with torch.device("meta"):
+        model = cls(config)
+    model = model.to_empty(device=device)
+    model.load_weights(iter_weights(model_dir))
+    model = model.to(dtype)
+    for module in model.modules():  # RoPE tables: computed for real, kept in float32
+        if isinstance(module, RotaryEmbedding):
+            module.build(device)
+    model.eval()
+    logger.info("loaded %s (%s) in %.1fs", type(model).__name__, dtype, time.monotonic() - t0)
+    return model, config
+
+
+class ModelRunner:
+    def __init__(self, model_dir, hf_config, server_args):
+        self.device = server_args.resolved_device()
+        self.dtype = server_args.resolved_dtype()
+        if self.device == "cpu" and server_args.num_threads:
+            torch.set_num_threads(server_args.num_threads)
+        self.model, self.config = load_model(model_dir, hf_config, self.dtype, self.device)
+        self.page_size = server_args.page_size
+        self.window = self.model.sliding_window()
+        self.kv_cache = self._make_kv_cache(server_args)
+
+    def _make_kv_cache(self, args) -> KVCache:
+        groups = self.model.kv_groups()
+        cfg = self.config
+        hkv, D = cfg.num_key_value_heads, head_dim_of(cfg)
+        per_token = {g: KVCache.bytes_per_token(len(layers), hkv, D, self.dtype) for g, layers in groups.items()}
+        if self.device == "cpu":
+            budget = args.cpu_kv_cache_gb * 2**30
+        else:
+            free, total = torch.cuda.mem_get_info()
+            budget = max(args.mem_fraction_static * total - (total - free), 2**28)
+        P = self.page_size
+        swa_tokens = 0
+        if "swa" in groups:  # the window (plus one prefill chunk) per running request is all SWA layers need
+            swa_tokens = args.max_running_requests * (self.window + args.chunked_prefill_size + 2 * P)
+            swa_tokens = min(swa_tokens, int(budget // sum(per_token.values())))
+            if args.max_total_tokens:
+                swa_tokens = min(swa_tokens, args.max_total_tokens)
+        full_tokens = int((budget - swa_tokens * per_token.get("swa", 0)) // per_token["full"])
+        if args.max_total_tokens:
+            full_tokens = min(full_tokens, args.max_total_tokens)
+        pages = {"full": full_tokens // P + 1}
+        if "swa" in groups:
+            pages["swa"] = swa_tokens // P + 1
+        logger.info("KV cache: %s pages of %d tokens (%s)", pages, P,
+                    ", ".join(f"{g}: {len(l)} layers" for g, l in groups.items()))
+        return KVCache(groups, pages, P, hkv, D, self.dtype, self.device)
+
+    # ------------------------------------------------------------------ batch -> tensors
+    def build_batch(self, reqs, extend_lens) -> ForwardBatch:
+        P = self.page_size
+        B = len(reqs)
+        q_start = torch.tensor([r.kv_len for r in reqs])
+        q_len = torch.tensor(extend_lens)
+        kv_end = q_start + q_len
+        max_q = int(q_len.max())
+        input_ids = torch.tensor([t for r, n in zip(reqs, extend_lens) for t in r.token_ids[r.kv_len:r.kv_len + n]])
+        positions = torch.cat([torch.arange(r.kv_len, r.kv_len + n) for r, n in zip(reqs, extend_lens)])
+        seq_of_token = torch.repeat_interleave(torch.arange(B), q_len)
+        offset_in_seq = positions - q_start[seq_of_token]
+        q_pad_index = seq_of_token * max_q + offset_in_seq
+        ar_q = torch.arange(max_q).unsqueeze(0)
+        q_pos = q_start.unsqueeze(1) + ar_q  # [B, max_q]
+        q_valid = ar_q < q_len.unsqueeze(1)
+
+        attn = {}
+        for g in self.kv_cache.groups:
+            window = self.window if g == "swa" else None
+            k_start = (q_start - window + 1).clamp(min=0) if window else torch.zeros(B, dtype=torch.long)
+            k_len = kv_end - k_start
+            max_k = int(k_len.max())
+            ar_k = torch.arange(max_k).unsqueeze(0)
+            k_pos = k_start.unsqueeze(1) + ar_k  # [B, max_k]
+            k_valid = ar_k < k_len.unsqueeze(1)
+            tables = [r.page_tables[g] for r in reqs]
+            width = max(len(t) for t in tables)
+            pt = torch.zeros(B, width, dtype=torch.long)
+            for i, t in enumerate(tables):
+                pt[i, :len(t)] = torch.tensor(t, dtype=torch.long)
+            k_page = (k_pos // P).clamp(max=width - 1)
+            kv_slots = torch.gather(pt, 1, k_page) * P + k_pos % P
+            kv_slots = torch.where(k_valid, kv_slots, torch.zeros_like(kv_slots))
+            write_slots = pt[seq_of_token, positions // P] * P + positions % P
+            mask = k_valid.unsqueeze(1) & (k_pos.unsqueeze(1) <= q_pos.unsqueeze(2))
+            if window:
+                mask &= (q_pos.unsqueeze(2) - k_pos.unsqueeze(1)) < window
+            mask[:, :, 0] |= ~q_valid  # padding query rows attend to something (ignored later)
+            attn[g] = AttentionMetadata(
+                write_slots=write_slots.to(self.device), kv_slots=kv_slots.to(self.device),
+                mask=mask.unsqueeze(1).to(self.device), q_pad_index=q_pad_index.to(self.device),
+                batch_size=B, max_q=max_q)
+        logit_index = torch.cumsum(q_len, 0) - 1
+        return ForwardBatch(input_ids.to(self.device), positions.to(self.device), attn, self.kv_cache,
+                            logit_index.to(self.device))
+
+    def forward(self, reqs, extend_lens, all_positions: bool = False) -> torch.Tensor:
+        """Logits (float32) at each request's last scheduled token [B, vocab], or at every token [T, vocab]."""
+        batch = self.build_batch(reqs, extend_lens)
+        if all_positions:
+            batch.logit_index = torch.arange(batch.input_ids.shape[0], device=self.device)
+        return self.model(batch)

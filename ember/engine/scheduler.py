@@ -1,0 +1,171 @@
+"""Continuous batching over the paged KV pool. Pure Python over plain data: no tensors, no model.
+
+Every step builds one batch: first the running requests (each decoding request contributes one token,
+a request in the middle of a chunked prefill contributes its next chunk), then newly admitted waiting
+requests, until the token budget (`chunked_prefill_size`) or `max_running_requests` is reached. Pages are
+allocated before the step; when the pool is short we first evict unused prefix-cache pages, then preempt
+the most recently admitted request (its KV is dropped and recomputed later, its output so far is kept).
+"""
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+from ember.engine.kv_pool import PageAllocator
+from ember.engine.radix_cache import RadixCache
+from ember.engine.request import Req
+
+
+@dataclass
+class ScheduledBatch:
+    reqs: list[Req]
+    extend_lens: list[int]  # tokens each request runs this step (starting at its kv_len)
+
+
+class Scheduler:
+    def __init__(self, allocators: dict[str, PageAllocator], page_size: int, *, window: int | None = None,
+                 radix: RadixCache | None = None, max_running: int = 64, chunk_size: int = 2048):
+        self.allocators = allocators
+        self.page_size = page_size
+        self.window = window  # sliding window of the "swa" group
+        self.radix = radix
+        self.max_running = max_running
+        self.chunk_size = chunk_size
+        self.waiting: deque[Req] = deque()
+        self.running: list[Req] = []
+        self.total_preemptions = 0
+
+    # ---------------------------------------------------------------- queue
+    def add(self, req: Req) -> None:
+        for g in self.allocators:
+            req.page_tables.setdefault(g, [])
+        self.waiting.append(req)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def remove(self, rid: str) -> Req | None:
+        """Take a request out (abort), returning its pages. None if unknown."""
+        for req in self.waiting:
+            if req.rid == rid:
+                self.waiting.remove(req)
+                self.release(req)
+                return req
+        for req in self.running:
+            if req.rid == rid:
+                self.running.remove(req)
+                self.release(req)
+                return req
+        return None
+
+    def finish(self, req: Req) -> None:
+        """A finished request leaves the batch; its full pages go to the prefix cache."""
+        self.running.remove(req)
+        if self.radix is not None:
+            self.radix.insert(req.token_ids[:req.kv_len], req.page_tables["full"], req.prefix_nodes)
+            req.page_tables["full"] = []
+            req.prefix_nodes = []
+        self.release(req)
+
+    def release(self, req: Req) -> None:
+        """Free every page the request owns and unlock the cached prefix it used."""
+        shared = len(req.prefix_nodes)
+        for g, table in req.page_tables.items():
+            own = table[shared:] if g == "full" else table
+            self.allocators[g].free(own)
+            req.page_tables[g] = []
+        if self.radix is not None and req.prefix_nodes:
+            self.radix.unlock(req.prefix_nodes)
+        req.prefix_nodes = []
+        req.kv_len = 0
+
+    # ---------------------------------------------------------------- pages
+    def pages_needed(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.page_size)
+
+    def _release_out_of_window(self, req: Req) -> None:
+        """Sliding-window layers only look back `window` tokens: free pages entirely behind that."""
+        table = req.page_tables.get("swa")
+        if table is None or self.window is None:
+            return
+        first_needed = max(0, req.kv_len - self.window + 1)
+        for i in range(min(first_needed // self.page_size, len(table))):
+            if table[i]:
+                self.allocators["swa"].free([table[i]])
+                table[i] = 0
+
+    def _try_alloc(self, req: Req, upto: int) -> bool:
+        """Give req pages for positions < upto in every group; all-or-nothing."""
+        need = {g: self.pages_needed(upto) - len(req.page_tables[g]) for g in self.allocators}
+        if any(n > self.allocators[g].num_free for g, n in need.items()):
+            short = need.get("full", 0) - self.allocators["full"].num_free if "full" in need else 0
+            if self.radix is not None and short > 0:
+                self.radix.evict(short)
+            if any(n > self.allocators[g].num_free for g, n in need.items()):
+                return False
+        for g, n in need.items():
+            if n > 0:
+                req.page_tables[g].extend(self.allocators[g].alloc(n))
+        return True
+
+    def _preempt(self, batch: list[Req], lens: list[int], protect: Req) -> bool:
+        """Drop the KV of the most recently admitted running request (not `protect`) and requeue it."""
+        for victim in reversed(self.running):
+            if victim is protect:
+                continue
+            if victim in batch:
+                i = batch.index(victim)
+                del batch[i], lens[i]
+            self.running.remove(victim)
+            self.release(victim)
+            victim.num_preemptions += 1
+            self.total_preemptions += 1
+            self.waiting.appendleft(victim)
+            return True
+        return False
+
+    # ---------------------------------------------------------------- the step
+    def schedule(self) -> ScheduledBatch | None:
+        batch: list[Req] = []
+        lens: list[int] = []
+        budget = self.chunk_size
+        # running requests: decoders (1 token) first so a long prefill never starves them
+        for req in sorted(self.running, key=lambda r: r.extend_len > 1):
+            if req not in self.running:  # preempted while making room for an earlier one
+                continue
+            if req.extend_len > 1 and budget <= 0:
+                continue  # a prefill chunk waits for the next step's budget
+            n = min(req.extend_len, max(budget, 1))
+            self._release_out_of_window(req)
+            while not self._try_alloc(req, req.kv_len + n):
+                if not self._preempt(batch, lens, protect=req):
+                    raise RuntimeError("KV pool too small for a single request")  # add() prevents this
+            batch.append(req)
+            lens.append(n)
+            budget -= n
+        # admit waiting requests while budget, slots and pages allow
+        while self.waiting and budget > 0 and len(self.running) < self.max_running:
+            req = self.waiting[0]
+            if self.radix is not None and req.kv_len == 0:
+                # reuse the longest cached prefix; keep at least one token to compute
+                nodes = self.radix.match_prefix(req.token_ids[:len(req.token_ids) - 1])
+                self.radix.lock(nodes)
+                req.prefix_nodes = nodes
+                req.page_tables["full"] = [n.page for n in nodes]
+                req.kv_len = len(nodes) * self.page_size
+            if req.cached_tokens is None:
+                req.cached_tokens = req.kv_len
+            n = min(req.extend_len, budget)
+            if not self._try_alloc(req, req.kv_len + n):
+                self.release(req)  # undo the prefix lock; try again next step
+                break
+            self.waiting.popleft()
+            self.running.append(req)
+            batch.append(req)
+            lens.append(n)
+            budget -= n
+        return ScheduledBatch(batch, lens) if batch else None
+
+    # ---------------------------------------------------------------- accounting
+    def pages_in_use(self) -> dict[str, int]:
+        return {g: a.total - a.num_free for g, a in self.allocators.items()}
