@@ -1,0 +1,71 @@
+"""Model fixtures, each loaded once per test session: ember's engine and the transformers reference."""
+import os
+
+import pytest
+import torch
+
+from tests.tiny_models import tiny_model
+
+MODEL_FIXTURES = {"smollm2": "smollm2_dir", "qwen2.5": "qwen_dir", "gemma3": "gemma3_dir",
+                  "tiny-qwen3": "tiny_qwen3_dir", "tiny-llama": "tiny_llama_dir", "tiny-qwen2": "tiny_qwen2_dir",
+                  "tiny-gemma3": "tiny_gemma3_dir"}
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen3_dir(tiny_dir):
+    return tiny_model("qwen3", tiny_dir / "qwen3")
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tiny_dir):
+    return tiny_model("llama", tiny_dir / "llama")
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2_dir(tiny_dir):
+    return tiny_model("qwen2", tiny_dir / "qwen2")
+
+
+@pytest.fixture(scope="session")
+def tiny_gemma3_dir(tiny_dir):
+    return tiny_model("gemma3", tiny_dir / "gemma3")
+
+
+_engines = {}
+_refs = {}
+
+
+@pytest.fixture(scope="session")
+def engine_for(request):
+    """engine_for(name, **server_args) -> ember.Engine, cached per (name, args)."""
+    from ember import Engine
+
+    def get(name, **kwargs):
+        key = (name, tuple(sorted(kwargs.items())))
+        if key not in _engines:
+            path = request.getfixturevalue(MODEL_FIXTURES[name])
+            # float32: compared against the fp32 reference (on CUDA too; EMBER_TEST_DEVICE=cuda runs them there)
+            kwargs = {"dtype": "float32", "device": os.environ.get("EMBER_TEST_DEVICE", "auto"), **kwargs}
+            _engines[key] = Engine(model_path=str(path), **kwargs)
+        return _engines[key]
+    yield get
+    _engines.clear()
+
+
+@pytest.fixture(scope="session")
+def reference_for(request):
+    """reference_for(name) -> transformers model (fp32, eval) on the same weights."""
+    from transformers import AutoModelForCausalLM
+
+    def get(name):
+        if name not in _refs:
+            path = request.getfixturevalue(MODEL_FIXTURES[name])
+            _refs[name] = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+        return _refs[name]
+    yield get
+    _refs.clear()

@@ -1,0 +1,162 @@
+"""Scheduler, KV pool and prefix cache accounting, without a model (the scheduler is pure Python)."""
+import random
+
+from ember.engine.kv_pool import PageAllocator
+from ember.engine.radix_cache import RadixCache
+from ember.engine.request import Req
+from ember.engine.sampling_params import SamplingParams
+from ember.engine.scheduler import Scheduler
+
+P = 4
+
+
+def make(num_pages=64, radix=True, window=None, chunk=64, max_running=8, swa_pages=None):
+    allocs = {"full": PageAllocator(num_pages)}
+    if window:
+        allocs["swa"] = PageAllocator(swa_pages or num_pages)
+    cache = RadixCache(allocs["full"], P) if radix else None
+    return Scheduler(allocs, P, window=window, radix=cache, max_running=max_running, chunk_size=chunk), allocs
+
+
+def req(rid, n, max_new=8, start=0):
+    return Req(rid, list(range(start, start + n)), SamplingParams(max_new_tokens=max_new))
+
+
+def run_step(s):
+    """Pretend to run the model: advance kv_len, append a token when prefill completes."""
+    b = s.schedule()
+    if b is None:
+        return []
+    done = []
+    for r, n in zip(b.reqs, b.extend_lens):
+        r.kv_len += n
+        if r.extend_len == 0:
+            r.token_ids.append(1000 + r.num_output)
+            if r.num_output >= r.sampling.max_new_tokens:
+                s.finish(r)
+                done.append(r)
+    return done
+
+
+def drain(s, limit=10_000):
+    finished = []
+    for _ in range(limit):
+        if not s.has_work():
+            return finished
+        finished += run_step(s)
+    raise AssertionError("scheduler did not drain")
+
+
+def all_free(s, allocs):
+    cached = s.radix.num_pages if s.radix else 0
+    assert allocs["full"].num_free + cached == allocs["full"].total
+    for g, a in allocs.items():
+        if g != "full":
+            assert a.num_free == a.total
+
+
+def test_chunked_prefill_respects_budget():
+    s, allocs = make(chunk=16)
+    r = req("a", 50)
+    s.add(r)
+    lens = []
+    while r.extend_len > 1 or r.kv_len == 0:
+        b = s.schedule()
+        lens.append(b.extend_lens[0])
+        r.kv_len += b.extend_lens[0]
+        if r.extend_len == 0:
+            break
+    assert lens == [16, 16, 16, 2]
+
+
+def test_prefix_reuse_and_cached_tokens():
+    s, allocs = make()
+    a = req("a", 20, max_new=3)
+    s.add(a)
+    drain(s)
+    b = req("b", 20, max_new=3)  # same 20-token prompt
+    s.add(b)
+    s.schedule()
+    assert b.cached_tokens == 16  # whole pages only, and at least one token left to compute
+    s.running[0].kv_len = len(b.token_ids)
+    s.finish(b)
+    all_free(s, allocs)
+    assert s.radix.reset()
+    assert allocs["full"].num_free == allocs["full"].total
+
+
+def test_preemption_when_pool_is_short_and_everything_is_freed():
+    s, allocs = make(num_pages=12, chunk=64, max_running=8)
+    reqs = [req(f"r{i}", 6 + i, max_new=10, start=100 * i) for i in range(8)]
+    for r in reqs:
+        s.add(r)
+    finished = drain(s)
+    assert len(finished) == 8
+    assert s.total_preemptions > 0
+    assert all(r.num_output == 10 for r in reqs)
+    all_free(s, allocs)
+
+
+def test_abort_frees_pages():
+    s, allocs = make()
+    rs = [req(f"r{i}", 10, max_new=50, start=10 * i) for i in range(4)]
+    for r in rs:
+        s.add(r)
+    for _ in range(5):
+        run_step(s)
+    assert s.remove("r1") is rs[1] and s.remove("r2") is rs[2]
+    assert s.remove("nope") is None
+    drain(s)
+    assert rs[0].num_output == 50 and rs[3].num_output == 50
+    all_free(s, allocs)
+
+
+def test_sliding_window_group_holds_at_most_the_window():
+    window = 8
+    s, allocs = make(window=window, radix=False, chunk=4)
+    r = req("a", 30, max_new=40)
+    s.add(r)
+    peak = 0
+    while s.has_work():
+        run_step(s)
+        held = sum(1 for p in r.page_tables.get("swa", []) if p)
+        peak = max(peak, held)
+    # window tokens + one chunk, rounded to pages, plus a partial page at each end
+    assert peak <= (window + 4) // P + 2
+    all_free(s, allocs)
+
+
+def test_random_mix_keeps_accounting():
+    rng = random.Random(0)
+    s, allocs = make(num_pages=40, chunk=32, max_running=6)
+    live = []
+    for step in range(400):
+        if rng.random() < 0.3:
+            n = rng.randint(1, 30)
+            start = rng.choice([0, 0, 500, 1000 + step])
+            r = req(f"q{step}", n, max_new=rng.randint(1, 12), start=start)
+            s.add(r)
+            live.append(r)
+        if rng.random() < 0.05 and live:
+            s.remove(rng.choice(live).rid)
+        run_step(s)
+    drain(s)
+    all_free(s, allocs)
+    assert s.radix.reset()
+    assert allocs["full"].num_free == allocs["full"].total
+
+
+def test_radix_eviction_is_lru_and_skips_locked():
+    alloc = PageAllocator(10)
+    cache = RadixCache(alloc, P)
+    pages_a = alloc.alloc(2)
+    cache.insert(list(range(8)), pages_a, [])
+    pages_b = alloc.alloc(2)
+    cache.insert(list(range(100, 108)), pages_b, [])
+    locked = cache.match_prefix(list(range(100, 108)))
+    cache.lock(locked)
+    assert cache.evict(4) == 2  # only a's two pages are evictable
+    assert cache.match_prefix(list(range(8))) == []
+    cache.unlock(locked)
+    assert cache.evict(4) == 2
+    assert alloc.num_free == alloc.total
