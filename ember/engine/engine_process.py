@@ -1,0 +1,238 @@
+"""The engine process: owns the model, runs the scheduler loop, talks to the API process over ZMQ.
+
+Messages in (API -> engine, one pickled object per message): GenerateReq, AbortReq, ControlReq.
+Messages out (engine -> API, one pickled list per message): TokenOut, ControlOut, ReqError,
+EngineStats, and once at start EngineReady or EngineFailed.
+
+The process dies with its parent: a watchdog thread polls the parent pid (plus PR_SET_PDEATHSIG on Linux),
+so killing the API process never leaves an engine behind holding memory.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+import signal
+import sys
+import threading
+import time
+import traceback
+from dataclasses import dataclass, field
+
+from ember.engine.io_struct import AbortReq, ControlOut, ControlReq, GenerateReq, TokenOut
+
+logger = logging.getLogger("ember.engine")
+
+STATS_INTERVAL_S = 0.25
+
+
+@dataclass
+class EngineReady:
+    """Sent once the model is loaded: what the API process needs to tokenize and validate requests."""
+    tokenizer: object  # the HF tokenizer (pickled with the message)
+    model_dir: str
+    context_length: int
+    vocab_size: int
+    model_type: str | None = None
+    architectures: list[str] = field(default_factory=list)
+    stats: dict = field(default_factory=dict)
+    pid: int = 0
+
+
+@dataclass
+class EngineFailed:
+    """The engine could not start (e.g. the model failed to load)."""
+    error: str
+    traceback: str = ""
+
+
+@dataclass
+class ReqError:
+    """A request was rejected or failed inside the engine. status: the HTTP status the API should answer."""
+    rid: str
+    message: str
+    status: int = 400
+
+
+@dataclass
+class EngineStats:
+    """Engine counters (EngineCore.stats()), sent now and then with outputs and when the engine goes idle."""
+    stats: dict
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    try:  # Linux: the kernel sends SIGKILL when the parent thread dies
+        import ctypes
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        PR_SET_PDEATHSIG = 1
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except Exception:
+        pass
+    if os.getppid() != parent_pid:
+        os._exit(0)
+
+    def watch():
+        while True:
+            if os.getppid() != parent_pid:
+                os._exit(0)
+            time.sleep(0.5)
+
+    threading.Thread(target=watch, name="ember-parent-watchdog", daemon=True).start()
+
+
+def _configure_logging(level: str) -> None:
+    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO),
+                        format="[%(asctime)s] %(levelname)s %(name)s: %(message)s",
+                        datefmt="%Y-%m-%d %H:%M:%S", stream=sys.stderr, force=True)
+
+
+def _vocab_size(core) -> int:
+    cfg = getattr(core, "hf_config", None)
+    size = getattr(cfg, "vocab_size", None)
+    tok = getattr(core, "tokenizer", None)
+    if tok is not None:
+        try:
+            size = max(size or 0, len(tok))
+        except TypeError:
+            pass
+    return int(size or 0)
+
+
+def run_engine_process(server_args, in_addr: str, out_addr: str, parent_pid: int) -> None:
+    """Entry point of the engine process (started with the multiprocessing "spawn" context)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the API process, which stops us
+    _die_with_parent(parent_pid)
+    _configure_logging(server_args.log_level)
+
+    import zmq
+    ctx = zmq.Context()
+    inp = ctx.socket(zmq.PULL)
+    inp.setsockopt(zmq.RCVHWM, 0)
+    inp.connect(in_addr)
+    out = ctx.socket(zmq.PUSH)
+    out.setsockopt(zmq.SNDHWM, 0)
+    out.setsockopt(zmq.LINGER, 5000)
+    out.connect(out_addr)
+
+    def send(objs: list) -> None:
+        if objs:
+            out.send(pickle.dumps(objs, protocol=pickle.HIGHEST_PROTOCOL))
+
+    try:
+        from ember.engine.engine_core import EngineCore
+        core = EngineCore(server_args)
+        cfg = getattr(core, "hf_config", None)
+        ready = EngineReady(
+            tokenizer=core.tokenizer,
+            model_dir=str(core.model_dir),
+            context_length=int(core.context_length),
+            vocab_size=_vocab_size(core),
+            model_type=getattr(cfg, "model_type", None),
+            architectures=list(getattr(cfg, "architectures", None) or []),
+            stats=dict(core.stats()),
+            pid=os.getpid(),
+        )
+    except BaseException as e:  # noqa: BLE001 - report anything, then exit
+        logger.error("engine failed to start: %s", e, exc_info=True)
+        send([EngineFailed(error=f"{type(e).__name__}: {e}", traceback=traceback.format_exc())])
+        out.close(linger=5000)
+        ctx.term()
+        os._exit(1)
+
+    send([ready])
+    logger.info("engine ready: %s (context length %d)", ready.model_dir, ready.context_length)
+    try:
+        _loop(core, inp, send)
+    finally:
+        out.close(linger=1000)
+        inp.close(linger=0)
+        ctx.term()
+
+
+def _loop(core, inp, send) -> None:
+    import zmq
+    live: set[str] = set()  # rids the engine is working on (to fail them if a step crashes)
+    last_stats = 0.0
+    was_busy = False
+    while True:
+        busy = core.has_work()
+        msgs = []
+        timeout = 0 if busy else 1000
+        if inp.poll(timeout):
+            while True:
+                try:
+                    msgs.append(pickle.loads(inp.recv(zmq.NOBLOCK)))
+                except zmq.Again:
+                    break
+        outs: list = []
+        for msg in msgs:
+            for m in (msg if isinstance(msg, list) else [msg]):
+                if isinstance(m, GenerateReq):
+                    try:
+                        core.add_request(m)
+                        live.add(m.rid)
+                    except ValueError as e:
+                        outs.append(ReqError(m.rid, str(e), 400))
+                    except Exception as e:  # noqa: BLE001
+                        logger.error("add_request failed for %s", m.rid, exc_info=True)
+                        outs.append(ReqError(m.rid, f"{type(e).__name__}: {e}", 500))
+                elif isinstance(m, AbortReq):
+                    try:
+                        core.abort(m.rid)
+                    except Exception:  # noqa: BLE001
+                        logger.error("abort failed for %s", m.rid, exc_info=True)
+                elif isinstance(m, ControlReq):
+                    if m.kind == "shutdown":
+                        send(outs + [ControlOut(m.cid, True)])
+                        return
+                    outs.append(_control(core, m))
+                else:
+                    logger.warning("engine got an unknown message: %r", type(m))
+        if core.has_work():
+            was_busy = True
+            try:
+                step_outs = core.step()
+            except Exception as e:  # noqa: BLE001 - fail the requests, keep serving
+                logger.error("engine step failed", exc_info=True)
+                for rid in list(live):
+                    outs.append(ReqError(rid, f"internal engine error: {type(e).__name__}: {e}", 500))
+                    try:
+                        core.abort(rid)
+                    except Exception:  # noqa: BLE001
+                        pass
+                live.clear()
+                step_outs = []
+            for o in step_outs:
+                if o.finished:
+                    live.discard(o.rid)
+            outs.extend(step_outs)
+        now = time.monotonic()
+        idle_now = was_busy and not core.has_work()
+        if outs and (now - last_stats >= STATS_INTERVAL_S or idle_now):
+            outs.append(EngineStats(_stats(core)))
+            last_stats = now
+        elif idle_now:
+            outs.append(EngineStats(_stats(core)))
+        if idle_now:
+            was_busy = False
+        send(outs)
+
+
+def _stats(core) -> dict:
+    try:
+        return dict(core.stats())
+    except Exception:  # noqa: BLE001
+        return {}
+
+
+def _control(core, m: ControlReq) -> ControlOut:
+    try:
+        if m.kind == "flush_cache":
+            ok = bool(core.flush_cache())
+            return ControlOut(m.cid, ok, {"stats": _stats(core)})
+        if m.kind in ("get_stats", "health"):
+            return ControlOut(m.cid, True, _stats(core))
+        return ControlOut(m.cid, False, {"error": f"unknown control {m.kind!r}"})
+    except Exception as e:  # noqa: BLE001
+        logger.error("control %s failed", m.kind, exc_info=True)
+        return ControlOut(m.cid, False, {"error": f"{type(e).__name__}: {e}"})

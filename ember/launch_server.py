@@ -1,0 +1,119 @@
+"""`python -m ember.launch_server --model-path ... --port ...` (SGLang's flag names).
+
+Process layout: this (API) process runs FastAPI under uvicorn: routes, tokenization, chat templates and
+output parsing. The engine process (multiprocessing "spawn") loads the model and runs the scheduler;
+the two talk over ZMQ. /health answers 503 until the engine reports the model loaded.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import sys
+
+from ember.server_args import ServerArgs
+
+logger = logging.getLogger("ember.server")
+
+LOG_FORMAT = "[%(asctime)s] %(levelname)s %(name)s: %(message)s"
+
+
+def configure_logging(level: str) -> None:
+    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO), format=LOG_FORMAT,
+                        datefmt="%Y-%m-%d %H:%M:%S", stream=sys.stderr, force=True)
+
+
+def display_host(host: str) -> str:
+    if host in ("0.0.0.0", "", "::"):
+        return "127.0.0.1" if host != "::" else "[::1]"
+    return f"[{host}]" if ":" in host else host
+
+
+def run_server(args: ServerArgs, given: set[str] | None = None) -> int:
+    """Start the server and block until it stops. Returns the process exit code."""
+    configure_logging(args.log_level)
+    from ember.cli import check_server_args
+    errors = check_server_args(args, given)
+    if errors:
+        for e in errors:
+            logger.error(e)
+        print("ember: cannot start: " + "; ".join(errors), file=sys.stderr, flush=True)
+        return 2
+
+    import uvicorn
+
+    from ember.api.app import create_app
+    from ember.engine.engine_client import EngineClient
+    from ember.frontend.chat_template import load_chat_template_override
+
+    try:
+        chat_template = load_chat_template_override(args.chat_template)
+        _check_parsers(args)
+    except ValueError as e:
+        logger.error("%s", e)
+        print(f"ember: cannot start: {e}", file=sys.stderr, flush=True)
+        return 2
+
+    engine = EngineClient(args)
+    state = {"exit_code": 0}
+    app = create_app(args, engine, chat_template=chat_template)
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_config=None,
+                            log_level=args.log_level, access_log=args.log_level == "debug",
+                            timeout_keep_alive=30, timeout_graceful_shutdown=5)
+    server = uvicorn.Server(config)
+    app.state.uvicorn_server = server
+
+    def on_fatal(message: str) -> None:
+        state["exit_code"] = 1
+        print(f"ember: the server stops: {message}", file=sys.stderr, flush=True)
+        server.should_exit = True
+
+    engine.on_fatal = on_fatal
+    engine.start_process()
+    try:
+        server.run()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        engine.shutdown()
+    if not server.started and state["exit_code"] == 0:
+        state["exit_code"] = 1  # e.g. the port was taken (uvicorn logged why)
+    return state["exit_code"]
+
+
+def _check_parsers(args: ServerArgs) -> None:
+    """Fail at start on an unknown --tool-call-parser / --reasoning-parser name."""
+    if not args.tool_call_parser and not args.reasoning_parser:
+        return
+    try:
+        import ember.parsers as parsers
+    except ImportError as e:  # pragma: no cover
+        raise ValueError(f"output parsers are not available: {e}") from e
+    if args.tool_call_parser:
+        try:
+            parsers.get_tool_call_parser(args.tool_call_parser, [])
+        except Exception as e:  # noqa: BLE001
+            raise ValueError(f"--tool-call-parser {args.tool_call_parser!r}: {e}") from e
+    if args.reasoning_parser:
+        try:
+            parsers.get_reasoning_parser(args.reasoning_parser)
+        except Exception as e:  # noqa: BLE001
+            raise ValueError(f"--reasoning-parser {args.reasoning_parser!r}: {e}") from e
+
+
+def launch_server(args: ServerArgs) -> None:
+    """Programmatic entry point (like sglang.srt.entrypoints.http_server.launch_server)."""
+    code = run_server(args)
+    if code:
+        raise SystemExit(code)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from ember.cli import parse_serve_args
+    args, given = parse_serve_args(sys.argv[1:] if argv is None else argv, prog="python -m ember.launch_server")
+    return run_server(args, given)
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    sys.exit(main())
