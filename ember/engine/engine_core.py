@@ -10,6 +10,7 @@ import time
 import torch
 
 from ember.engine.detokenizer import IncrementalDetokenizer
+from ember.engine.grammar import GrammarBackend
 from ember.engine.io_struct import GenerateReq, TokenOut
 from ember.engine.model_runner import ModelRunner
 from ember.engine.radix_cache import RadixCache
@@ -64,6 +65,8 @@ class EngineCore:
         self.scheduler = Scheduler(kv.allocators, kv.page_size, window=self.runner.window, radix=radix,
                                    max_running=args.max_running_requests, chunk_size=args.chunked_prefill_size)
         self.sampler = Sampler(self.vocab_size, self.eos_token_ids, self.runner.device)
+        self.grammar = GrammarBackend(self.tokenizer, self.vocab_size, self.eos_token_ids)
+        self._compiling: list[tuple[Req, object]] = []  # requests waiting for their grammar
         self._aborted: list[Req] = []
         self.num_generated = 0
 
@@ -86,16 +89,40 @@ class EngineCore:
             raise ValueError(f"request needs {total} tokens of KV cache but the pool holds only {capacity}")
         req = Req(g.rid, list(g.input_ids), sp, return_prompt_logprobs=g.return_prompt_logprobs)
         req.detok = IncrementalDetokenizer(self.tokenizer, req.prompt_ids, sp.stop, sp.skip_special_tokens)
-        self.scheduler.add(req)
+        compiling = self.grammar.submit(sp)
+        if compiling is None:
+            self.scheduler.add(req)
+        else:
+            self._compiling.append((req, compiling))
+
+    def _admit_compiled(self) -> None:
+        """Requests whose grammar finished compiling join the scheduler; a bad grammar fails the request."""
+        still = []
+        for req, fut in self._compiling:
+            if not fut.done():
+                still.append((req, fut))
+            elif fut.exception() is not None:
+                req.finished, req.finish_reason = True, "abort"
+                req.error = f"invalid grammar: {fut.exception()}"
+                self._aborted.append(req)
+            else:
+                req.grammar = self.grammar.matcher(fut.result())
+                self.scheduler.add(req)
+        self._compiling = still
 
     def abort(self, rid: str) -> None:
         req = self.scheduler.remove(rid)
+        for pair in self._compiling:
+            if pair[0].rid == rid:
+                self._compiling.remove(pair)
+                req = pair[0]
+                break
         if req is not None:
             req.finished, req.finish_reason = True, "abort"
             self._aborted.append(req)
 
     def has_work(self) -> bool:
-        return self.scheduler.has_work() or bool(self._aborted)
+        return self.scheduler.has_work() or bool(self._aborted or self._compiling)
 
     def flush_cache(self) -> bool:
         if self.scheduler.has_work():
@@ -132,6 +159,8 @@ class EngineCore:
 
     # ------------------------------------------------------------------ the step
     def step(self) -> list[TokenOut]:
+        if self._compiling:
+            self._admit_compiled()
         outs = [self._report(r) for r in self._aborted]
         self._aborted.clear()
         batch = self.scheduler.schedule()
@@ -143,7 +172,8 @@ class EngineCore:
         ready = [i for i, r in enumerate(batch.reqs) if r.extend_len == 0]  # prefill done: sample
         if ready:
             reqs = [batch.reqs[i] for i in ready]
-            next_ids, logprobs = self.sampler.sample(logits[ready], reqs)
+            mask = self.grammar.bitmask([r.grammar for r in reqs]) if any(r.grammar for r in reqs) else None
+            next_ids, logprobs = self.sampler.sample(logits[ready], reqs, mask)
             for j, (req, tok) in enumerate(zip(reqs, next_ids)):
                 self._append_token(req, tok, logprobs[j] if logprobs else None)
                 if req.finished:
@@ -158,6 +188,8 @@ class EngineCore:
         if logprob is not None:
             req.pending_logprobs.append(logprob)
         self.num_generated += 1
+        if req.grammar is not None and not req.grammar.is_terminated():
+            req.grammar.accept_token(tok)
         is_stop_token = (tok in sp.stop_token_ids) or (not sp.ignore_eos and tok in self.eos_token_ids)
         if is_stop_token:
             req.finished, req.finish_reason, req.matched_stop = True, "stop", tok
@@ -175,6 +207,6 @@ class EngineCore:
             rid=req.rid, new_token_ids=req.pending_ids, text_delta=req.detok.take_delta(final=req.finished),
             finished=req.finished, finish_reason=req.finish_reason, matched_stop=req.matched_stop,
             prompt_tokens=len(req.prompt_ids), completion_tokens=req.num_output,
-            cached_tokens=req.cached_tokens or 0, logprobs=req.pending_logprobs or None)
+            cached_tokens=req.cached_tokens or 0, logprobs=req.pending_logprobs or None, error=req.error)
         req.pending_ids, req.pending_logprobs = [], []
         return out

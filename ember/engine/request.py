@@ -30,6 +30,7 @@ class Req:
     pending_logprobs: list = field(default_factory=list)
     prompt_logprobs: list | None = None
     grammar: object | None = None  # structured-output matcher, when the request has one
+    error: str | None = None
 
     def __post_init__(self):
         self.token_ids = list(self.prompt_ids)

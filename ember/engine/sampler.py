@@ -61,12 +61,14 @@ class Sampler:
             counts.scatter_add_(1, idx.to(device), torch.ones(B, longest, device=device))
         return counts[:, :V]
 
-    def sample(self, logits: torch.Tensor, reqs: list[Req], masks: torch.Tensor | None = None):
-        """logits: [B, V] float32 (raw model output). Returns (next_ids [B] list, logprob info or None)."""
+    def sample(self, logits: torch.Tensor, reqs: list[Req], grammar_mask=None):
+        """logits: [B, V] float32 (raw model output). Returns (next_ids [B] list, logprob info or None).
+        grammar_mask: (packed bitmask, rows) from GrammarBackend.bitmask, applied after the penalties."""
         raw = logits
         logits = self.apply_penalties_and_bias(logits.clone(), reqs)
-        if masks is not None:  # grammar: disallowed tokens get -inf
-            logits = logits.masked_fill(~masks, float("-inf"))
+        if grammar_mask is not None:
+            from ember.engine.grammar import GrammarBackend
+            GrammarBackend.apply(logits, grammar_mask)
         sps = [r.sampling for r in reqs]
         greedy = torch.tensor([sp.greedy for sp in sps], device=logits.device)
         next_ids = logits.argmax(dim=-1)
