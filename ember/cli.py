@@ -29,6 +29,7 @@ HELP: dict[str, str] = {
     "context_length": "Maximum context length (default: from the model config).",
     "mem_fraction_static": "Fraction of GPU memory for weights and KV cache (GPU only).",
     "cpu_kv_cache_gb": "KV cache budget in GiB on CPU.",
+    "max_total_tokens": "Cap the KV cache at this many tokens (overrides the memory budgets).",
     "page_size": "Tokens per KV cache page.",
     "max_running_requests": "Maximum number of requests decoding at once.",
     "max_queued_requests": "Maximum number of waiting requests; beyond it requests get 503 (default: no limit).",
@@ -91,7 +92,7 @@ def add_server_args(parser: argparse.ArgumentParser) -> None:
     for f in dataclasses.fields(ServerArgs):
         typ, _ = _base_type(f.type)
         default = f.default if f.default is not dataclasses.MISSING else None
-        help_text = HELP.get(f.name, f.name.replace("_", " "))
+        help_text = HELP.get(f.name) or f"{f.name.replace('_', ' ')} (ServerArgs.{f.name})"
         if typ is bool:
             if default:
                 group.add_argument(_flag(f.name), action=argparse.BooleanOptionalAction,

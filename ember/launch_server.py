@@ -6,7 +6,6 @@ the two talk over ZMQ. /health answers 503 until the engine reports the model lo
 """
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
 import sys
@@ -36,8 +35,7 @@ def run_server(args: ServerArgs, given: set[str] | None = None) -> int:
     errors = check_server_args(args, given)
     if errors:
         for e in errors:
-            logger.error(e)
-        print("ember: cannot start: " + "; ".join(errors), file=sys.stderr, flush=True)
+            print(f"ember: cannot start: {e}", file=sys.stderr, flush=True)
         return 2
 
     import uvicorn
@@ -50,7 +48,6 @@ def run_server(args: ServerArgs, given: set[str] | None = None) -> int:
         chat_template = load_chat_template_override(args.chat_template)
         _check_parsers(args)
     except ValueError as e:
-        logger.error("%s", e)
         print(f"ember: cannot start: {e}", file=sys.stderr, flush=True)
         return 2
 

@@ -43,6 +43,15 @@ class ServerState:
             raise APIError("The server is starting: the model is still loading. Retry shortly.", 503)
 
     @property
+    def kv_capacity(self) -> int | None:
+        """Tokens the KV cache holds (one request cannot be longer)."""
+        stats = self.engine.info.stats if self.engine.info else {}
+        try:
+            return int(stats["total_pages"]) * int(stats["page_size"])
+        except (KeyError, TypeError, ValueError):
+            return None
+
+    @property
     def model_type(self) -> str | None:
         return self.engine.info.model_type if self.engine.info else None
 

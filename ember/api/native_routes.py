@@ -221,7 +221,8 @@ async def generate(request: Request):
         return_logprob = bool(_pick(body.return_logprob, i, False))
         top_num = int(_pick(body.top_logprobs_num, i, 0) or 0)
         start_len = int(_pick(body.logprob_start_len, i, -1))
-        max_new = resolve_max_new_tokens(p.max_new_tokens, len(ids), tm.context_length, "max_new_tokens")
+        max_new = resolve_max_new_tokens(p.max_new_tokens, len(ids), tm.context_length, "max_new_tokens",
+                                         state.kv_capacity)
         sp = _native_sampling(p, max_new, tm.vocab_size, top_num if return_logprob else None)
         for j in range(p.n):
             s = sp if p.n == 1 else dataclasses.replace(sp, stop=list(sp.stop), stop_token_ids=list(sp.stop_token_ids),

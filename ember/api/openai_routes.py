@@ -227,7 +227,8 @@ async def completions(request: Request):
             raise APIError(str(e), 400, "prompt") from e
     if req.logprobs is not None and not 0 <= req.logprobs <= 20:
         raise APIError(f"logprobs must be in [0, 20], got {req.logprobs}", 400, "logprobs")
-    max_new = [resolve_max_new_tokens(req.max_tokens, len(ids), tm.context_length) for ids in prompts]
+    max_new = [resolve_max_new_tokens(req.max_tokens, len(ids), tm.context_length, kv_capacity=state.kv_capacity)
+               for ids in prompts]
     sp = build_sampling(req, max_new[0], tm.vocab_size, req.logprobs)
     check_overload(state.engine, state.args.max_queued_requests, len(prompts) * n)
 
@@ -367,7 +368,7 @@ async def chat_completions(request: Request):
 
     requested = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
-    max_new = resolve_max_new_tokens(requested, len(prompt_ids), tm.context_length, param)
+    max_new = resolve_max_new_tokens(requested, len(prompt_ids), tm.context_length, param, state.kv_capacity)
     top_n = None
     if req.logprobs:
         top_n = req.top_logprobs or 0

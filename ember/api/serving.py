@@ -48,8 +48,9 @@ async def parse_body(request: Request, model: type[BaseModel]) -> tuple[BaseMode
 
 # ---------------------------------------------------------------------------- limits
 def resolve_max_new_tokens(requested: int | None, prompt_len: int, context_length: int,
-                           param: str = "max_tokens") -> int:
-    """max_new_tokens for the engine; 400 when the prompt and the completion do not fit the context."""
+                           param: str = "max_tokens", kv_capacity: int | None = None) -> int:
+    """max_new_tokens for the engine; 400 when the prompt and the completion do not fit the context.
+    Without a requested value: whatever room is left (in the context and in the KV cache)."""
     if requested is not None and requested < 0:
         raise APIError(f"{param} must be >= 0, got {requested}", 400, param)
     if prompt_len >= context_length and requested != 0:
@@ -58,7 +59,13 @@ def resolve_max_new_tokens(requested: int | None, prompt_len: int, context_lengt
             f"{prompt_len} tokens, which leaves no room for the completion. Please reduce the length of "
             f"the prompt.", 400, "messages" if param != "max_new_tokens" else "text")
     if requested is None:
-        return context_length - prompt_len
+        room = context_length - prompt_len
+        if kv_capacity:
+            room = min(room, kv_capacity - prompt_len)
+        if room <= 0:
+            raise APIError(f"The prompt has {prompt_len} tokens, more than the KV cache holds ({kv_capacity} "
+                           f"tokens).", 400, "messages" if param != "max_new_tokens" else "text")
+        return room
     if prompt_len + requested > context_length:
         raise APIError(
             f"This model's maximum context length is {context_length} tokens. However, you requested "
@@ -158,45 +165,74 @@ class RequestGroup:
         return False
 
 
-async def merged_outputs(engine: EngineClient, reqs: list[GenerateReq]) -> AsyncIterator[tuple[int, TokenOut]]:
-    """(index, TokenOut) from several engine requests as they come. Closing it aborts what is left."""
-    if len(reqs) == 1:
-        gen = engine.generate(reqs[0])
-        try:
-            async for out in gen:
-                yield 0, out
-        finally:
-            await gen.aclose()
-        return
-    q: asyncio.Queue = asyncio.Queue()
-    done = object()
+class MergedOutputs:
+    """(index, TokenOut) from several engine requests as they come. The requests are sent at once
+    (so they count against the queue limit right away); aclose() aborts whatever is unfinished."""
 
-    async def pump(i: int, req: GenerateReq):
+    def __init__(self, engine: EngineClient, reqs: list[GenerateReq]):
+        self.streams = []
         try:
-            async for out in engine.generate(req):
-                q.put_nowait((i, out))
+            for r in reqs:
+                self.streams.append(engine.generate(r))
+        except BaseException:
+            for st in self.streams:
+                st.close()
+            raise
+        self._q: asyncio.Queue | None = None
+        self._tasks: list[asyncio.Task] = []
+        self._remaining = len(self.streams)
+        if len(self.streams) > 1:
+            self._q = asyncio.Queue()
+            self._tasks = [asyncio.create_task(self._pump(i, st)) for i, st in enumerate(self.streams)]
+
+    _DONE = object()
+
+    async def _pump(self, i: int, st) -> None:
+        try:
+            async for out in st:
+                self._q.put_nowait((i, out))
         except asyncio.CancelledError:
             raise
         except Exception as e:  # noqa: BLE001
-            q.put_nowait((i, e))
+            self._q.put_nowait((i, e))
         finally:
-            q.put_nowait((i, done))
+            self._q.put_nowait((i, self._DONE))
 
-    tasks = [asyncio.create_task(pump(i, r)) for i, r in enumerate(reqs)]
-    remaining = len(reqs)
-    try:
-        while remaining:
-            i, item = await q.get()
-            if item is done:
-                remaining -= 1
-                continue
-            if isinstance(item, Exception):
-                raise item
-            yield i, item
-    finally:
-        for t in tasks:
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self) -> tuple[int, TokenOut]:
+        try:
+            if self._q is None:
+                return 0, await self.streams[0].__anext__()
+            while self._remaining:
+                i, item = await self._q.get()
+                if item is self._DONE:
+                    self._remaining -= 1
+                    continue
+                if isinstance(item, Exception):
+                    raise item
+                return i, item
+            raise StopAsyncIteration
+        except StopAsyncIteration:
+            raise
+        except BaseException:
+            await self.aclose()
+            raise
+
+    def close(self) -> None:
+        for t in self._tasks:
             if not t.done():
                 t.cancel()
+        for st in self.streams:
+            st.close()
+
+    async def aclose(self) -> None:
+        self.close()
+
+
+def merged_outputs(engine: EngineClient, reqs: list[GenerateReq]) -> MergedOutputs:
+    return MergedOutputs(engine, reqs)
 
 
 class ClientDisconnected(Exception):
@@ -214,34 +250,29 @@ async def collect(engine: EngineClient, reqs: list[GenerateReq], request: Reques
     """Run requests to completion. Raises ClientDisconnected (after aborting them) if the client goes away."""
     results = [SubResult() for _ in reqs]
 
+    gen = merged_outputs(engine, reqs)
+
     async def run():
-        gen = merged_outputs(engine, reqs)
-        try:
-            async for i, out in gen:
-                results[i].add(out)
-        finally:
-            await gen.aclose()
+        async for i, out in gen:
+            results[i].add(out)
         return results
 
-    if request is None:
-        return await run()
-    task = asyncio.create_task(run())
-    watcher = asyncio.create_task(wait_disconnect(request))
     try:
-        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
-    except asyncio.CancelledError:
-        task.cancel()
-        watcher.cancel()
-        raise
-    if task.done():
-        watcher.cancel()
-        return task.result()
-    task.cancel()
-    try:
-        await task
-    except (asyncio.CancelledError, Exception):  # noqa: BLE001
-        pass
-    raise ClientDisconnected()
+        if request is None:
+            return await run()
+        task = asyncio.create_task(run())
+        watcher = asyncio.create_task(wait_disconnect(request))
+        try:
+            await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            watcher.cancel()
+            if not task.done():
+                task.cancel()
+        if task.done() and not task.cancelled():
+            return task.result()
+        raise ClientDisconnected()
+    finally:
+        gen.close()
 
 
 def engine_error(e: EngineRequestError) -> APIError:

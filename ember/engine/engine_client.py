@@ -148,33 +148,27 @@ class EngineClient:
         limit = int(self.server_args.max_running_requests or 0)
         return max(0, self.num_outstanding + incoming - limit, min(waiting, self.num_outstanding))
 
-    async def generate(self, req: GenerateReq) -> AsyncIterator[TokenOut]:
-        """Send one request; yield its TokenOuts until it finishes. Closing early aborts it in the engine."""
+    def generate(self, req: GenerateReq) -> "RequestStream":
+        """Send one request now; returns an async iterator of its TokenOuts until it finishes.
+        Closing it early (aclose(), cancellation, or dropping it) aborts the request in the engine."""
         if not self.is_ready:
             raise EngineDeadError("the engine is not ready")
         if req.rid in self._queues:
             raise EngineRequestError(f"request id {req.rid!r} is already in use", 400)
         q: asyncio.Queue = asyncio.Queue()
         self._queues[req.rid] = q
-        finished = False
         try:
             self._send(req)
-            while True:
-                out = await q.get()
-                if isinstance(out, ReqError):
-                    finished = True
-                    raise EngineRequestError(out.message, out.status)
-                if out.finished:
-                    finished = True
-                if out.error and out.finished and not out.new_token_ids and not out.text_delta:
-                    raise EngineRequestError(out.error, 500)
-                yield out
-                if finished:
-                    return
-        finally:
+        except Exception:
             self._queues.pop(req.rid, None)
-            if not finished:
-                self.abort(req.rid)
+            raise
+        return RequestStream(self, req.rid, q)
+
+    def _release(self, rid: str, q, abort: bool) -> None:
+        if self._queues.get(rid) is q:
+            del self._queues[rid]
+        if abort:
+            self.abort(rid)
 
     def abort(self, rid: str) -> None:
         if self.alive and not self._closed:
@@ -266,3 +260,53 @@ class EngineClient:
         logger.error(message)  # the engine process logged the traceback
         if self.on_fatal is not None:
             self.on_fatal(message)
+
+
+class RequestStream:
+    """The outputs of one engine request (see EngineClient.generate)."""
+
+    def __init__(self, client: EngineClient, rid: str, q: asyncio.Queue):
+        self.client = client
+        self.rid = rid
+        self._q = q
+        self.done = False
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self) -> TokenOut:
+        if self.done:
+            raise StopAsyncIteration
+        try:
+            out = await self._q.get()
+        except BaseException:  # cancelled: the consumer went away
+            self.close()
+            raise
+        if isinstance(out, ReqError):
+            self._finish()
+            raise EngineRequestError(out.message, out.status)
+        if out.finished:
+            self._finish()
+            if out.error and not out.new_token_ids and not out.text_delta:
+                raise EngineRequestError(out.error, 400)  # the engine refused the request (e.g. a bad grammar)
+        return out
+
+    def _finish(self) -> None:
+        if not self.done:
+            self.done = True
+            self.client._release(self.rid, self._q, abort=False)
+
+    def close(self) -> None:
+        """Stop following the request; aborts it in the engine if it has not finished."""
+        if not self.done:
+            self.done = True
+            self.client._release(self.rid, self._q, abort=True)
+
+    async def aclose(self) -> None:
+        self.close()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001
+            pass

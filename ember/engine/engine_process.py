@@ -154,10 +154,11 @@ def _loop(core, inp, send) -> None:
     live: set[str] = set()  # rids the engine is working on (to fail them if a step crashes)
     last_stats = 0.0
     was_busy = False
+    idle_steps = 0  # steps in a row that produced nothing (e.g. waiting for a grammar to compile)
     while True:
         busy = core.has_work()
         msgs = []
-        timeout = 0 if busy else 1000
+        timeout = (0 if idle_steps == 0 else min(10, idle_steps)) if busy else 1000
         if inp.poll(timeout):
             while True:
                 try:
@@ -190,6 +191,7 @@ def _loop(core, inp, send) -> None:
                     logger.warning("engine got an unknown message: %r", type(m))
         if core.has_work():
             was_busy = True
+            t_step = time.perf_counter()
             try:
                 step_outs = core.step()
             except Exception as e:  # noqa: BLE001 - fail the requests, keep serving
@@ -206,6 +208,11 @@ def _loop(core, inp, send) -> None:
                 if o.finished:
                     live.discard(o.rid)
             outs.extend(step_outs)
+            # a step that did nothing (no batch ran): back off a little instead of spinning
+            idle = not step_outs and time.perf_counter() - t_step < 0.002
+            idle_steps = idle_steps + 1 if idle else 0
+        else:
+            idle_steps = 0
         now = time.monotonic()
         idle_now = was_busy and not core.has_work()
         if outs and (now - last_stats >= STATS_INTERVAL_S or idle_now):

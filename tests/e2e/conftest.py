@@ -1,0 +1,159 @@
+"""Real servers for end-to-end tests: one subprocess per (model, flags) per test session, on a free
+127.0.0.1 port, reused by every test that asks for it, stopped (whole process tree) at the end."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from ember.utils import get_free_port, terminate_process
+
+START_TIMEOUT_S = float(os.environ.get("EMBER_E2E_START_TIMEOUT", "900"))
+COMMON_FLAGS = ["--log-level", "info"]
+
+
+@dataclass
+class Server:
+    proc: subprocess.Popen
+    port: int
+    log_path: Path
+    api_key: str | None = None
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def headers(self) -> dict:
+        return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def openai(self, **kw):
+        import openai
+        return openai.OpenAI(base_url=f"{self.base_url}/v1", api_key=self.api_key or "EMPTY", max_retries=0,
+                             timeout=kw.pop("timeout", 300), **kw)
+
+    def async_openai(self, **kw):
+        import openai
+        return openai.AsyncOpenAI(base_url=f"{self.base_url}/v1", api_key=self.api_key or "EMPTY", max_retries=0,
+                                  timeout=kw.pop("timeout", 300), **kw)
+
+    def stats(self) -> dict:
+        import requests
+        r = requests.get(f"{self.base_url}/get_server_info", headers=self.headers, timeout=30)
+        r.raise_for_status()
+        return r.json()["engine_stats"]
+
+    def assert_alive(self) -> None:
+        import requests
+        assert self.proc.poll() is None, f"server died:\n{self.log()[-4000:]}"
+        assert requests.get(f"{self.base_url}/health", timeout=30).status_code == 200
+
+
+def _server_env() -> dict:
+    env = dict(os.environ)
+    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def start_server(args: list[str], log_dir: Path, name: str, api_key: str | None = None) -> Server:
+    """Start `python -m ember.launch_server ARGS` and wait for /health; raises with the log on failure."""
+    import requests
+    port = get_free_port()
+    log_path = log_dir / f"{name}.log"
+    cmd = [sys.executable, "-m", "ember.launch_server", *args, *COMMON_FLAGS, "--host", "127.0.0.1",
+           "--port", str(port)]
+    if api_key:
+        cmd += ["--api-key", api_key]
+    log = open(log_path, "w")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=_server_env(), start_new_session=True)
+    server = Server(proc, port, log_path, api_key)
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server {name} exited with {proc.returncode}:\n{server.log()[-6000:]}")
+        try:
+            if requests.get(f"{server.base_url}/health", timeout=5).status_code == 200:
+                return server
+        except requests.RequestException:
+            pass
+        time.sleep(0.5)
+    terminate_process(proc)
+    raise RuntimeError(f"server {name} not ready after {START_TIMEOUT_S}s:\n{server.log()[-6000:]}")
+
+
+class _Servers:
+    """Session registry: one server per key, started on first use, all stopped at session end."""
+
+    def __init__(self, log_dir: Path):
+        self.log_dir = log_dir
+        self.servers: dict[str, Server] = {}
+        self.failed: dict[str, str] = {}
+
+    def get(self, key: str, args: list[str], api_key: str | None = None) -> Server:
+        if key in self.failed:
+            pytest.fail(f"server {key} failed to start earlier:\n{self.failed[key]}")
+        if key not in self.servers:
+            try:
+                self.servers[key] = start_server(args, self.log_dir, key, api_key)
+            except RuntimeError as e:
+                self.failed[key] = str(e)
+                raise
+        return self.servers[key]
+
+    def stop_all(self) -> None:
+        for s in self.servers.values():
+            terminate_process(s.proc)
+        self.servers.clear()
+
+
+@pytest.fixture(scope="session")
+def e2e_servers(tmp_path_factory):
+    reg = _Servers(tmp_path_factory.mktemp("e2e-logs"))
+    yield reg
+    reg.stop_all()
+
+
+def _model_arg(request, fixture: str, alias: str) -> str:
+    """The model dir from the shared fixture (tests/conftest.py) when there is one, else the alias."""
+    try:
+        return str(request.getfixturevalue(fixture))
+    except pytest.FixtureLookupError:
+        return alias
+
+
+@pytest.fixture(scope="session")
+def smollm2_model(request) -> str:
+    return _model_arg(request, "smollm2_dir", "smollm2-135m")
+
+
+@pytest.fixture(scope="session")
+def smollm2_server(e2e_servers, smollm2_model) -> Server:
+    """SmolLM2-135M-Instruct, default flags (served name = the model path)."""
+    return e2e_servers.get("smollm2", ["--model-path", smollm2_model, "--served-model-name", "smollm2"])
+
+
+@pytest.fixture(scope="session")
+def smollm2_guarded_server(e2e_servers, smollm2_model) -> Server:
+    """SmolLM2 with an API key and a tiny queue: one running, one waiting, the rest get 503."""
+    return e2e_servers.get("smollm2-guarded", ["--model-path", smollm2_model, "--max-running-requests", "1",
+                                               "--max-queued-requests", "1"], api_key="sk-ember-test")
+
+
+@pytest.fixture(scope="session")
+def qwen_server(e2e_servers) -> Server:
+    """The bundled default model (Qwen2.5-Coder-0.5B-Instruct): no --model-path, as a user starts it."""
+    return e2e_servers.get("qwen", [])
