@@ -1,0 +1,98 @@
+"""llama.cpp's C++ `llama-server`, built from the llama.cpp sources vendored in the
+`llama-cpp-python` sdist from PyPI (no other network is reachable here).
+
+    python benchmarks/llama_cpp.py setup            # ~10-20 min on 2 cores, niced
+    python benchmarks/llama_cpp.py serve --port 8080 # on ember's GGUF (Q4_K_M), -np 16 -cb
+
+Only the `llama-server` target is built (CPU, Release, no curl, no prebuilt web UI). The sdist is
+fetched with pip into benchmarks/.build/, the build lives in benchmarks/.build/llama.cpp-build/.
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import os
+import shlex
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import BUILD, DEFAULT_MODEL, gguf_path, record_setup_time, run  # noqa: E402
+
+NAME = "llama.cpp (llama-server)"
+VERSION = "0.3.36"  # llama-cpp-python sdist whose vendored llama.cpp we build
+SRC_ROOT = BUILD / f"llama_cpp_python-{VERSION}"
+BUILD_DIR = BUILD / "llama.cpp-build"
+SERVER_BIN = BUILD_DIR / "bin" / "llama-server"
+
+
+def is_set_up() -> bool:
+    return SERVER_BIN.exists()
+
+
+def setup(force: bool = False, jobs: int = 2) -> Path:
+    if is_set_up() and not force:
+        print(f"{SERVER_BIN} exists")
+        return SERVER_BIN
+    t0 = time.time()
+    BUILD.mkdir(parents=True, exist_ok=True)
+    sdists = glob.glob(str(BUILD / f"llama_cpp_python-{VERSION}.tar.gz"))
+    if not sdists:
+        run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
+             f"llama-cpp-python=={VERSION}", "-d", str(BUILD)], nice=False)
+        sdists = glob.glob(str(BUILD / f"llama_cpp_python-{VERSION}.tar.gz"))
+    if not SRC_ROOT.exists():
+        with tarfile.open(sdists[0]) as tf:
+            tf.extractall(BUILD, filter="data")
+    src = SRC_ROOT / "vendor" / "llama.cpp"
+    run(["cmake", "-S", str(src), "-B", str(BUILD_DIR), "-G", "Ninja",
+         "-DCMAKE_BUILD_TYPE=Release", "-DLLAMA_USE_PREBUILT_UI=OFF", "-DLLAMA_CURL=OFF",
+         "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF", "-DGGML_NATIVE=ON"])
+    run(["cmake", "--build", str(BUILD_DIR), "--target", "llama-server", "-j", str(jobs)])
+    dt = time.time() - t0
+    record_setup_time("llama.cpp", dt, f"llama-cpp-python {VERSION} sdist, cmake --target llama-server -j{jobs}")
+    print(f"built {SERVER_BIN} in {dt:.0f} s")
+    return SERVER_BIN
+
+
+def version() -> str:
+    return f"llama.cpp vendored in llama-cpp-python {VERSION}"
+
+
+def server_cmd(model: str = DEFAULT_MODEL, port: int = 8080, threads: int = 2, parallel: int = 16,
+               ctx_per_slot: int = 2048) -> str:
+    """The llama-server command line (parallel slots + continuous batching, as a CPU user runs it).
+
+    The context is split evenly between slots, so -c is parallel * ctx_per_slot."""
+    gguf = gguf_path(model)
+    return (f"{SERVER_BIN} -m {gguf} --host 127.0.0.1 --port {port} -t {threads} -tb {threads} "
+            f"-np {parallel} -cb -c {parallel * ctx_per_slot} --alias {model}")
+
+
+def server_env() -> dict:
+    return {}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    s = sub.add_parser("setup")
+    s.add_argument("--force", action="store_true")
+    s.add_argument("--jobs", type=int, default=2)
+    v = sub.add_parser("serve")
+    v.add_argument("--model", default=DEFAULT_MODEL)
+    v.add_argument("--port", type=int, default=8080)
+    v.add_argument("--parallel", type=int, default=16)
+    a = p.parse_args(argv)
+    if a.cmd == "setup":
+        setup(a.force, a.jobs)
+        return 0
+    cmd = server_cmd(a.model, a.port, parallel=a.parallel)
+    print(cmd, flush=True)
+    os.execv(shlex.split(cmd)[0], shlex.split(cmd))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
