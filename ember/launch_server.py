@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import threading
 
 from ember.server_args import ServerArgs
 
@@ -67,6 +68,8 @@ def run_server(args: ServerArgs, given: set[str] | None = None) -> int:
 
     engine.on_fatal = on_fatal
     engine.start_process()
+    # Import the tokenizer classes while the engine loads the model (unpickling the tokenizer needs them).
+    threading.Thread(target=_preimport, name="ember-preimport", daemon=True).start()
     try:
         server.run()
     except KeyboardInterrupt:
@@ -76,6 +79,14 @@ def run_server(args: ServerArgs, given: set[str] | None = None) -> int:
     if not server.started and state["exit_code"] == 0:
         state["exit_code"] = 1  # e.g. the port was taken (uvicorn logged why)
     return state["exit_code"]
+
+
+def _preimport() -> None:
+    try:
+        import transformers  # noqa: F401
+        from transformers import PreTrainedTokenizerFast  # noqa: F401
+    except Exception:  # noqa: BLE001
+        pass
 
 
 def _check_parsers(args: ServerArgs) -> None:

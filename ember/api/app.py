@@ -61,9 +61,11 @@ class ServerState:
             return self.args.served_model_name
         if self.args.model_path:
             return self.args.model_path
-        if self.engine.info is not None:
-            return self.engine.info.model_dir
-        return "default"
+        try:  # no --model-path: the bundled default model, by its alias
+            from ember.loader.bundled import DEFAULT_MODEL
+            return DEFAULT_MODEL
+        except ImportError:
+            return self.engine.info.model_dir if self.engine.info is not None else "default"
 
     def model_card(self) -> dict:
         name = self.served_model_name
