@@ -68,7 +68,7 @@ def server_cmd(model: str = DEFAULT_MODEL, port: int = 8080, threads: int = 2, p
     The context is split evenly between slots, so -c is parallel * ctx_per_slot."""
     gguf = gguf_path(model)
     return (f"{SERVER_BIN} -m {gguf} --host 127.0.0.1 --port {port} -t {threads} -tb {threads} "
-            f"-np {parallel} -cb -c {parallel * ctx_per_slot} --alias {model}")
+            f"-np {parallel} -cb -c {parallel * ctx_per_slot} --jinja --alias {model}")
 
 
 def server_env() -> dict:
