@@ -1,0 +1,119 @@
+"""Model loading: turn any model path into a local Hugging Face-layout directory.
+
+``resolve_model_dir(path)`` accepts
+  * ``None`` -> the bundled default model (``qwen2.5-coder-0.5b``);
+  * a bundled alias or its HF repo id (``smollm2-135m``, ``HuggingFaceTB/SmolLM2-135M-Instruct``...)
+    -> its GGUF from the pip package, converted once and cached;
+  * a ``.gguf`` file, or a directory holding exactly one ``.gguf`` and no ``config.json``
+    -> converted once and cached (see ``gguf_convert``);
+  * a directory with ``config.json`` -> itself;
+  * anything else -> treated as a hub repo id and fetched with ``huggingface_hub`` (or
+    ModelScope with ``EMBER_USE_MODELSCOPE=1`` / ``SGLANG_USE_MODELSCOPE=true``).
+
+``iter_weights(model_dir)`` then streams ``(name, tensor)`` pairs from it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from pathlib import Path
+
+from .bundled import BUNDLED_MODELS, DEFAULT_MODEL, bundled_gguf_path, canonical_alias, ember_cache_dir
+from .gguf_convert import convert_gguf
+from .weights import iter_weights, list_weight_files
+
+logger = logging.getLogger("ember.loader")
+
+__all__ = [
+    "BUNDLED_MODELS",
+    "DEFAULT_MODEL",
+    "convert_gguf",
+    "ember_cache_dir",
+    "iter_weights",
+    "list_weight_files",
+    "resolve_model_dir",
+]
+
+# "name" or "org/name" as the hub spells repo ids.
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?$")
+
+
+def resolve_model_dir(model_path: str | os.PathLike | None = None, *, revision: str | None = None) -> Path:
+    """A local directory with config.json, weights and tokenizer files for ``model_path``."""
+    if model_path is None:
+        model_path = DEFAULT_MODEL
+    name = os.fspath(model_path)
+    local = Path(name).expanduser()
+
+    if local.is_file():
+        if local.suffix.lower() == ".gguf":
+            return convert_gguf(local)
+        raise ValueError(
+            f"Model path {name!r} is a file but not a .gguf file; pass a GGUF file or a model "
+            f"directory with config.json"
+        )
+    if local.is_dir():
+        return _resolve_local_dir(local.resolve())
+
+    alias = canonical_alias(name)
+    if alias is not None:
+        return convert_gguf(bundled_gguf_path(alias))
+
+    return _download_from_hub(name, revision)
+
+
+def _resolve_local_dir(d: Path) -> Path:
+    if (d / "config.json").is_file():
+        return d
+    ggufs = sorted(d.glob("*.gguf"))
+    if len(ggufs) == 1:
+        return convert_gguf(ggufs[0])
+    if len(ggufs) > 1:
+        listing = ", ".join(g.name for g in ggufs)
+        raise ValueError(f"Directory {d} holds several GGUF files ({listing}); pass the path of one of them")
+    raise ValueError(f"Directory {d} is not a model directory: it has no config.json and no .gguf file")
+
+
+def _use_modelscope() -> bool:
+    return os.environ.get("EMBER_USE_MODELSCOPE", "").lower() in ("1", "true", "yes") or os.environ.get(
+        "SGLANG_USE_MODELSCOPE", ""
+    ).lower() in ("1", "true", "yes")
+
+
+_ALLOW = ["*.json", "*.model", "*.txt", "*.jinja", "*.tiktoken", "*.py"]
+
+
+def _download_from_hub(repo_id: str, revision: str | None) -> Path:
+    bundled = ", ".join(sorted(BUNDLED_MODELS))
+    not_found = (
+        f"Model {repo_id!r} is neither a local file or directory nor a bundled model ({bundled}), "
+        f"and could not be fetched from the model hub"
+    )
+    if not _REPO_ID.match(repo_id) or repo_id.startswith((".", "~")):
+        raise ValueError(f"{not_found}: it is not a valid repo id and no such path exists.")
+    hub = "ModelScope" if _use_modelscope() else "Hugging Face Hub"
+    logger.info("%r is not a local path; fetching it from the %s", repo_id, hub)
+    try:
+        if _use_modelscope():
+            from modelscope import snapshot_download as ms_snapshot_download
+
+            path = ms_snapshot_download(repo_id, revision=revision)
+        else:
+            from huggingface_hub import list_repo_files, snapshot_download
+
+            try:  # weights: safetensors if the repo has them, else pytorch .bin
+                files = list_repo_files(repo_id, revision=revision)
+                weights = "*.safetensors" if any(f.endswith(".safetensors") for f in files) else "*.bin"
+            except Exception:  # noqa: BLE001 - offline: whatever the local cache holds
+                weights = "*.safetensors"
+            path = snapshot_download(repo_id, revision=revision, allow_patterns=_ALLOW + [weights])
+    except ImportError as e:
+        raise ValueError(f"{not_found}: {e.name or 'the hub client'} is not installed ({e}).") from e
+    except Exception as e:  # noqa: BLE001 - network errors, missing repos, gated repos...
+        raise ValueError(f"{not_found} ({hub}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}).") from e
+    d = Path(path)
+    if not (d / "config.json").is_file():
+        return _resolve_local_dir(d)
+    return d

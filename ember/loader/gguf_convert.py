@@ -1,0 +1,374 @@
+"""Convert a GGUF file into a cached Hugging Face-layout directory.
+
+The result, ``<cache>/hf/<stem>-<hash>/``, holds ``config.json``, ``generation_config.json``,
+``model.safetensors`` (float32, dequantized, HF tensor names) and the tokenizer files
+(``tokenizer.json``, ``tokenizer_config.json`` with the chat template). Everything downstream
+(the model loader, the tokenizer manager, reference tests with transformers) then only ever
+sees a plain HF directory.
+
+Converting is slow (transformers builds the tokenizer from GGUF metadata in 9-29 s and
+dequantizes every tensor), so it is done once per GGUF file: the cache key hashes the file's
+absolute path, size and mtime. The build happens in a temporary directory that is renamed
+into place, under an fcntl lock, so concurrent processes never see or write a half-built dir.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .bundled import ember_cache_dir, file_lock
+
+logger = logging.getLogger("ember.loader")
+
+# Bump when the output of the conversion changes, so that old cache entries are not reused.
+CONVERTER_VERSION = 1
+MARKER_FILE = ".ember_converted.json"
+
+
+def converted_dir_for(gguf_path: str | os.PathLike) -> Path:
+    """The cache directory that ``convert_gguf(gguf_path)`` uses (existing or not)."""
+    p = Path(gguf_path).expanduser().resolve()
+    st = p.stat()
+    key = f"{p}\0{st.st_size}\0{st.st_mtime_ns}\0v{CONVERTER_VERSION}"
+    digest = hashlib.sha256(key.encode()).hexdigest()[:12]
+    return ember_cache_dir() / "hf" / f"{p.stem}-{digest}"
+
+
+def is_converted(out_dir: Path) -> bool:
+    return (out_dir / MARKER_FILE).is_file() and (out_dir / "config.json").is_file()
+
+
+def convert_gguf(gguf_path: str | os.PathLike) -> Path:
+    """Return an HF-layout directory for ``gguf_path``, converting it on first use."""
+    src = Path(gguf_path).expanduser().resolve()
+    if not src.is_file():
+        raise FileNotFoundError(f"GGUF file not found: {src}")
+    out_dir = converted_dir_for(src)
+    if is_converted(out_dir):
+        logger.debug("Using cached conversion %s for %s", out_dir, src)
+        return out_dir
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    with file_lock(out_dir.parent / f".{out_dir.name}.lock"):
+        if is_converted(out_dir):  # another process finished it while we waited
+            return out_dir
+        if out_dir.exists():  # leftover without a marker: not ours to trust
+            shutil.rmtree(out_dir)
+        for stale in out_dir.parent.glob(f".{out_dir.name}.tmp-*"):  # from a killed conversion
+            shutil.rmtree(stale, ignore_errors=True)
+        work = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.tmp-"))
+        try:
+            build = work / "out"
+            build.mkdir()
+            _convert_into(src, build, work / "src")
+            os.chmod(build, 0o755)
+            os.replace(build, out_dir)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+    return out_dir
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+def _gguf_fields(src: Path) -> tuple[dict[str, Any], dict[str, str]]:
+    """Scalar/str metadata of a GGUF file (arrays skipped) and {tensor name: quant type}."""
+    from gguf import GGUFReader, GGUFValueType
+
+    reader = GGUFReader(str(src))
+    meta: dict[str, Any] = {}
+    for key, f in reader.fields.items():
+        if f.types and f.types[0] == GGUFValueType.ARRAY and len(f.data) > 64:
+            continue  # tokenizer vocab/merges/scores
+        try:
+            meta[key] = f.contents()
+        except Exception:  # noqa: BLE001 - odd field types are not needed here
+            pass
+    qtypes = {t.name: t.tensor_type.name for t in reader.tensors}
+    return meta, qtypes
+
+
+def _bits_per_weight(qtype: str) -> float:
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    block, nbytes = GGML_QUANT_SIZES[GGMLQuantizationType[qtype]]
+    return nbytes * 8 / block
+
+
+def _convert_into(src: Path, out: Path, staging: Path) -> None:
+    import torch
+    import transformers
+    from safetensors.torch import save_file
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    t_start = time.perf_counter()
+    # transformers resolves gguf_file relative to a directory: give it a private directory that
+    # holds only a link to the file, so a stray config.json next to the GGUF is never picked up.
+    staging.mkdir()
+    (staging / src.name).symlink_to(src)
+    meta, qtypes = _gguf_fields(src)
+    arch = meta.get("general.architecture", "?")
+    logger.info("Converting %s (%s, %.0f MB) to %s", src, arch, src.stat().st_size / 1e6, out)
+
+    config = AutoConfig.from_pretrained(staging, gguf_file=src.name)
+    if hasattr(config, "quantization_config"):
+        delattr(config, "quantization_config")
+    notes = _fix_config(config, meta)
+
+    # An empty (meta-device) model gives the HF parameter names and the class name.
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(config)
+    config.architectures = [type(skeleton).__name__]
+    t0 = time.perf_counter()
+    tensors = _dequantize_gguf(src, skeleton)
+    logger.info("Dequantized %d tensors in %.1fs", len(tensors), time.perf_counter() - t0)
+
+    tie_note = _maybe_tie_embeddings(skeleton, config, tensors, qtypes)
+    if tie_note:
+        notes.append(tie_note)
+    for note in notes:
+        logger.info("Config fix: %s", note)
+    _check_complete(skeleton, config, tensors)
+    del skeleton
+
+    t0 = time.perf_counter()
+    config.dtype = torch.float32
+    config.save_pretrained(out)
+    tensors = {k: v.to(torch.float32).contiguous() for k, v in tensors.items()}
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    logger.info("Wrote float32 weights in %.1fs", time.perf_counter() - t0)
+    del tensors
+
+    t0 = time.perf_counter()
+    tokenizer = AutoTokenizer.from_pretrained(staging, gguf_file=src.name)
+    template = meta.get("tokenizer.chat_template")
+    if template and not getattr(tokenizer, "chat_template", None):
+        tokenizer.chat_template = template
+    # save_jinja_files=False keeps the chat template inside tokenizer_config.json.
+    tokenizer.save_pretrained(out, save_jinja_files=False)
+    _patch_tokenizer_config(out, template, getattr(config, "max_position_embeddings", None))
+    try:
+        gen = GenerationConfig.from_model_config(config)
+        eos = _end_of_generation_ids(tokenizer, config)
+        if eos:
+            gen.eos_token_id = eos if len(eos) > 1 else eos[0]
+        gen.save_pretrained(out)
+    except Exception as e:  # noqa: BLE001 - a generation config is optional
+        logger.warning("No generation_config.json: %s", e)
+    logger.info("Built tokenizer in %.1fs", time.perf_counter() - t0)
+
+    marker = {
+        "source": str(src),
+        "size": src.stat().st_size,
+        "mtime_ns": src.stat().st_mtime_ns,
+        "architecture": arch,
+        "converter_version": CONVERTER_VERSION,
+        "transformers_version": transformers.__version__,
+        "config_fixes": notes,
+        "seconds": round(time.perf_counter() - t_start, 1),
+    }
+    (out / MARKER_FILE).write_text(json.dumps(marker, indent=2) + "\n")
+    for f in out.iterdir():
+        f.chmod(0o644)  # safetensors writes 0600
+    logger.info("Converted %s in %.1fs", src.name, marker["seconds"])
+
+
+# Tokens that end a turn or a document in the chat formats of common GGUF models; llama.cpp
+# stops on these too ("end of generation" tokens), and HF generation configs list them as eos.
+_EOG_TOKENS = ("<|im_end|>", "<|endoftext|>", "<end_of_turn>", "<|eot_id|>", "<|end_of_text|>", "<|eom_id|>")
+
+
+def _end_of_generation_ids(tokenizer, config) -> list[int]:
+    eos = config.eos_token_id
+    ids = list(eos) if isinstance(eos, (list, tuple)) else ([eos] if eos is not None else [])
+    vocab = tokenizer.get_vocab()
+    for tok in _EOG_TOKENS:
+        tid = vocab.get(tok)
+        if tid is not None and tid not in ids and tid != getattr(config, "unk_token_id", None):
+            ids.append(tid)
+    return ids
+
+
+def _dequantize_gguf(src: Path, skeleton) -> dict[str, Any]:
+    """{HF name: float32 tensor} for every tensor of the GGUF file.
+
+    This is what ``AutoModelForCausalLM.from_pretrained(dir, gguf_file=...)`` does for the
+    architectures transformers converts through its GGUF tensor processors (llama, qwen2,
+    gemma3, ...), minus building a model and the ``accelerate`` dependency it insists on.
+    """
+    import inspect
+
+    import torch
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+    kwargs: dict[str, Any] = {"return_tensors": True, "model_to_load": skeleton}
+    if "torch_dtype" in inspect.signature(load_gguf_checkpoint).parameters:
+        kwargs["torch_dtype"] = torch.float32
+    tensors = load_gguf_checkpoint(str(src), **kwargs)["tensors"]
+    return {k: v.to(torch.float32) for k, v in tensors.items()}
+
+
+def _param_name(model, module) -> str | None:
+    for name, m in model.named_modules():
+        if m is module:
+            return f"{name}.weight" if name else "weight"
+    return None
+
+
+def _check_complete(skeleton, config, tensors: dict[str, Any]) -> None:
+    """Every parameter of the HF model is there, with its shape (bar a tied lm_head)."""
+    expected = {k: tuple(v.shape) for k, v in skeleton.state_dict().items()}
+    if getattr(config, "tie_word_embeddings", False):
+        head = skeleton.get_output_embeddings()
+        name = _param_name(skeleton, head) if head is not None else None
+        if name:
+            expected.pop(name, None)
+            tensors.pop(name, None)
+    missing, unexpected = expected.keys() - tensors.keys(), tensors.keys() - expected.keys()
+    if missing or unexpected:
+        raise RuntimeError(
+            f"GGUF conversion produced an incomplete state dict: missing {sorted(missing)[:10]}, "
+            f"unexpected {sorted(unexpected)[:10]}"
+        )
+    for k, v in tensors.items():
+        if tuple(v.shape) != expected[k]:
+            raise RuntimeError(f"GGUF tensor {k} has shape {tuple(v.shape)}, the model wants {expected[k]}")
+
+
+def _patch_tokenizer_config(out: Path, template: str | None, max_len: int | None) -> None:
+    """Make sure tokenizer_config.json carries the chat template (whatever transformers did)."""
+    path = out / "tokenizer_config.json"
+    cfg = json.loads(path.read_text()) if path.is_file() else {}
+    if template and not cfg.get("chat_template"):
+        cfg["chat_template"] = template
+    if max_len and cfg.get("model_max_length", 0) > 10**12:  # transformers' "unset" value
+        cfg["model_max_length"] = int(max_len)
+    for key in ("is_local", "local_files_only"):  # transformers' load-time kwargs leak in
+        cfg.pop(key, None)
+    path.write_text(json.dumps(cfg, indent=2, ensure_ascii=False) + "\n")
+
+
+def _fix_config(config, meta: dict[str, Any]) -> list[str]:
+    """Repair what the GGUF -> HF config mapping loses. Returns notes of what was changed."""
+    notes: list[str] = []
+    arch = meta.get("general.architecture", "")
+
+    def setattr_noted(name: str, value: Any) -> None:
+        old = getattr(config, name, None)
+        if old != value:
+            setattr(config, name, value)
+            notes.append(f"{name}: {old!r} -> {value!r}")
+
+    # GGUF stores floats as float32: 1e-5 comes back as 9.999999747378752e-06. Use the shortest
+    # decimal that round-trips through float32, as in the original config.json.
+    for key in ("rms_norm_eps", "layer_norm_eps", "layer_norm_epsilon"):
+        value = getattr(config, key, None)
+        if isinstance(value, float):
+            short = float(repr(np.float32(value)).removeprefix("np.float32(").removesuffix(")"))
+            if short != value:
+                setattr(config, key, short)
+
+    # Logit soft-capping (gemma2) is stored in GGUF but not mapped by transformers.
+    for key in ("final_logit_softcapping", "attn_logit_softcapping"):
+        if f"{arch}.{key}" in meta and hasattr(config, key):
+            setattr_noted(key, float(meta[f"{arch}.{key}"]))
+
+    if config.model_type in ("gemma3_text", "gemma3"):
+        notes += _fix_gemma3_config(config, meta, setattr_noted)
+    return notes
+
+
+def _fix_gemma3_config(config, meta: dict[str, Any], setattr_noted) -> list[str]:
+    """Gemma 3 (text): sliding window layout, dual RoPE bases, query scaling.
+
+    The GGUF stores the sliding window size and the global RoPE base; llama.cpp hardcodes the
+    rest (5 local : 1 global layers, local RoPE base 10 000, query scale 1/sqrt(head_dim) except
+    for the 27B model), and so does this.
+    """
+    notes: list[str] = []
+    arch = "gemma3"
+    n_layers = config.num_hidden_layers
+    sw = meta.get(f"{arch}.attention.sliding_window")
+    if sw:
+        setattr_noted("sliding_window", int(sw))
+    pattern = int(meta.get(f"{arch}.attention.sliding_window_pattern", 6) or 6)
+    layer_types = [
+        "sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(n_layers)
+    ]
+    setattr_noted("layer_types", layer_types)
+
+    global_theta = float(meta.get(f"{arch}.rope.freq_base", 1_000_000.0))
+    local_theta = float(meta.get(f"{arch}.rope.freq_base_swa", 10_000.0))
+    full = {"rope_type": "default", "rope_theta": global_theta}
+    scaling_type = meta.get(f"{arch}.rope.scaling.type")
+    factor = meta.get(f"{arch}.rope.scaling.factor")
+    if scaling_type and scaling_type != "none" and factor:
+        full = {"rope_type": str(scaling_type), "rope_theta": global_theta, "factor": float(factor)}
+    rope = {"full_attention": full, "sliding_attention": {"rope_type": "default", "rope_theta": local_theta}}
+    if hasattr(config, "rope_parameters"):
+        current = getattr(config, "rope_parameters", None) or {}
+        wanted_subset = all(
+            all(current.get(k, {}).get(kk) == vv for kk, vv in v.items()) for k, v in rope.items()
+        )
+        if not wanted_subset:
+            setattr_noted("rope_parameters", rope)
+    else:  # transformers 4.x layout
+        setattr_noted("rope_theta", global_theta)
+        setattr_noted("rope_local_base_freq", local_theta)
+        setattr_noted("rope_scaling", {k: v for k, v in full.items() if k != "rope_theta"} if "factor" in full else None)
+
+    head_dim = int(meta.get(f"{arch}.attention.key_length", config.head_dim))
+    if n_layers == 62:  # gemma-3-27b scales queries by hidden_size / num_heads
+        scalar = config.hidden_size // config.num_attention_heads
+    else:
+        scalar = head_dim
+    setattr_noted("query_pre_attn_scalar", scalar)
+    return notes
+
+
+def _maybe_tie_embeddings(skeleton, config, tensors: dict[str, Any], qtypes: dict[str, str]) -> str | None:
+    """Tie lm_head to the input embeddings when the GGUF stores the same matrix twice.
+
+    llama.cpp sometimes writes ``output.weight`` for a model whose HF original ties it to
+    ``token_embd.weight`` (Qwen2.5-0.5B here: Q8_0 and Q5_0 copies). Keeping both costs a full
+    vocab x hidden float32 matrix; when they agree up to quantization noise, keep only the more
+    precise copy and tie, as in the original checkpoint.
+    """
+    import torch
+
+    if getattr(config, "tie_word_embeddings", False):
+        return None
+    emb, head = skeleton.get_input_embeddings(), skeleton.get_output_embeddings()
+    if emb is None or head is None:
+        return None
+    emb_name, head_name = _param_name(skeleton, emb), _param_name(skeleton, head)
+    a, b = tensors.get(emb_name), tensors.get(head_name)
+    if a is None or b is None or a.shape != b.shape:
+        return None
+    rel = (torch.linalg.vector_norm(a - b) / torch.linalg.vector_norm(a).clamp_min(1e-12)).item()
+    if not math.isfinite(rel) or rel > 0.1:  # unrelated matrices differ by ~sqrt(2)
+        return None
+    q_emb, q_head = qtypes.get("token_embd.weight"), qtypes.get("output.weight")
+    try:
+        use_head = _bits_per_weight(q_head) > _bits_per_weight(q_emb)
+    except Exception:  # noqa: BLE001
+        use_head = False
+    if use_head:
+        tensors[emb_name] = b
+    del tensors[head_name]
+    config.tie_word_embeddings = True
+    return (
+        f"tie_word_embeddings: False -> True (output.weight {q_head} and token_embd.weight {q_emb} "
+        f"differ by {rel:.4f} relative: one matrix quantized twice; kept the "
+        f"{q_head if use_head else q_emb} copy)"
+    )
