@@ -185,12 +185,14 @@ class _CompletionLogprobs:
 @router.get("/v1/models")
 async def list_models(request: Request):
     state = _state(request)
+    state.require_ready()  # 503 until the model is loaded (SGLang's wait_for_server polls this route)
     return {"object": "list", "data": [state.model_card()]}
 
 
 @router.get("/v1/models/{model_id:path}")
 async def get_model(model_id: str, request: Request):
     state = _state(request)
+    state.require_ready()
     card = state.model_card()
     card["id"] = model_id if model_id else card["id"]
     return card

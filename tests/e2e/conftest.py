@@ -14,7 +14,8 @@ import pytest
 from ember.utils import get_free_port, terminate_process
 
 START_TIMEOUT_S = float(os.environ.get("EMBER_E2E_START_TIMEOUT", "900"))
-COMMON_FLAGS = ["--log-level", "info"]
+# A small KV pool per server: several servers (and other tests) share a small CI machine.
+COMMON_FLAGS = ["--log-level", "info", "--cpu-kv-cache-gb", "0.5"]
 
 
 @dataclass
@@ -120,11 +121,26 @@ class _Servers:
         self.servers.clear()
 
 
+_REGISTRY: list[_Servers] = []
+
+
 @pytest.fixture(scope="session")
 def e2e_servers(tmp_path_factory):
     reg = _Servers(tmp_path_factory.mktemp("e2e-logs"))
+    _REGISTRY.append(reg)
     yield reg
     reg.stop_all()
+    _REGISTRY.remove(reg)
+
+
+_E2E_DIR = Path(__file__).parent
+
+
+def pytest_runtest_teardown(item, nextitem):
+    """Stop the servers as soon as the run leaves tests/e2e (they hold memory other tests need)."""
+    if nextitem is None or _E2E_DIR not in Path(str(nextitem.fspath)).parents:
+        for reg in _REGISTRY:
+            reg.stop_all()
 
 
 def _model_arg(request, fixture: str, alias: str) -> str:
@@ -146,11 +162,21 @@ def smollm2_server(e2e_servers, smollm2_model) -> Server:
     return e2e_servers.get("smollm2", ["--model-path", smollm2_model, "--served-model-name", "smollm2"])
 
 
+CUSTOM_TEMPLATE = ("{% for m in messages %}### {{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+                   "{% if add_generation_prompt %}### assistant:{% endif %}")
+
+
 @pytest.fixture(scope="session")
-def smollm2_guarded_server(e2e_servers, smollm2_model) -> Server:
-    """SmolLM2 with an API key and a tiny queue: one running, one waiting, the rest get 503."""
-    return e2e_servers.get("smollm2-guarded", ["--model-path", smollm2_model, "--max-running-requests", "1",
-                                               "--max-queued-requests", "1"], api_key="sk-ember-test")
+def smollm2_special_server(e2e_servers, smollm2_model, tmp_path_factory) -> Server:
+    """SmolLM2 with the flags the default server does not use: an API key, a tiny queue (one running,
+    one waiting, the rest get 503), a reasoning parser, and a chat template from a file."""
+    template = tmp_path_factory.mktemp("template") / "template.jinja"
+    template.write_text(CUSTOM_TEMPLATE)
+    server = e2e_servers.get("smollm2-special", [
+        "--model-path", smollm2_model, "--max-running-requests", "1", "--max-queued-requests", "1",
+        "--reasoning-parser", "deepseek-r1", "--chat-template", str(template)], api_key="sk-ember-test")
+    server.extra["template"] = CUSTOM_TEMPLATE
+    return server
 
 
 @pytest.fixture(scope="session")

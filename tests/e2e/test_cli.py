@@ -1,0 +1,109 @@
+"""The `ember serve` / `python -m ember.launch_server` command line and the launch helpers (no model)."""
+from __future__ import annotations
+
+import dataclasses
+import subprocess
+import sys
+
+import pytest
+
+from ember.cli import build_parser, check_server_args, parse_serve_args
+from ember.server_args import ServerArgs
+from ember.utils import _normalize_base_url, _split_command, launch_server_cmd, terminate_process
+
+SGLANG_FLAGS = ["--model-path", "--served-model-name", "--host", "--port", "--api-key", "--tp-size", "--ep-size",
+                "--dp-size", "--mem-fraction-static", "--context-length", "--max-running-requests",
+                "--chunked-prefill-size", "--dtype", "--tool-call-parser", "--reasoning-parser",
+                "--speculative-algorithm", "--speculative-num-steps", "--speculative-eagle-topk",
+                "--speculative-num-draft-tokens", "--enable-multi-layer-eagle", "--max-queued-requests",
+                "--trust-remote-code", "--disable-cuda-graph", "--log-level", "--chat-template"]
+
+
+def test_help_documents_every_flag():
+    r = subprocess.run([sys.executable, "-m", "ember.cli", "serve", "--help"], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0
+    for f in dataclasses.fields(ServerArgs):
+        assert "--" + f.name.replace("_", "-") in r.stdout
+    for flag in SGLANG_FLAGS:
+        assert flag in r.stdout
+
+
+def test_parse_flags_into_server_args():
+    args, given = parse_serve_args([
+        "--model-path", "m", "--served-model-name", "s", "--host", "0.0.0.0", "--port", "8000", "--api-key", "k",
+        "--mem-fraction-static", "0.7", "--context-length", "4096", "--max-running-requests", "8",
+        "--chunked-prefill-size", "512", "--dtype", "float32", "--tool-call-parser", "qwen25",
+        "--reasoning-parser", "qwen3", "--max-queued-requests", "3", "--trust-remote-code",
+        "--disable-cuda-graph", "--log-level", "WARNING", "--chat-template", "chatml"])
+    assert args == ServerArgs(model_path="m", served_model_name="s", host="0.0.0.0", port=8000, api_key="k",
+                              mem_fraction_static=0.7, context_length=4096, max_running_requests=8,
+                              chunked_prefill_size=512, dtype="float32", tool_call_parser="qwen25",
+                              reasoning_parser="qwen3", max_queued_requests=3, trust_remote_code=True,
+                              disable_cuda_graph=True, log_level="warning", chat_template="chatml")
+    assert "mem_fraction_static" in given and "page_size" not in given
+    assert check_server_args(args, given) == []
+    # the positional model of `ember serve MODEL`
+    ns = build_parser().parse_args(["serve", "smollm2-135m", "--port", "1234"])
+    assert ns.model == "smollm2-135m" and ns.port == 1234
+
+
+def test_unimplemented_flags_are_errors():
+    errors = check_server_args(ServerArgs(tp_size=4, ep_size=8, speculative_algorithm="EAGLE",
+                                          speculative_num_steps=3, enable_multi_layer_eagle=True))
+    text = "\n".join(errors)
+    for needle in ("--tp-size 4", "--ep-size 8", "--speculative-algorithm EAGLE", "--speculative-num-steps 3",
+                   "--enable-multi-layer-eagle"):
+        assert needle in text
+
+
+@pytest.mark.parametrize("flags, needle", [
+    (["--tp-size", "2"], "--tp-size 2 is not implemented"),
+    (["--ep-size", "8"], "--ep-size 8 is not implemented"),
+    (["--dp-size", "2"], "--dp-size 2 is not implemented"),
+    (["--speculative-algorithm", "EAGLE", "--speculative-num-steps", "3", "--speculative-eagle-topk", "1",
+      "--speculative-num-draft-tokens", "4", "--enable-multi-layer-eagle"], "--speculative-algorithm EAGLE"),
+    (["--enable-multi-layer-eagle"], "--enable-multi-layer-eagle is not implemented"),
+    (["--tool-call-parser", "nope"], "--tool-call-parser 'nope'"),
+    (["--reasoning-parser", "nope"], "--reasoning-parser 'nope'"),
+    (["--chat-template", "/no/such/template.jinja"], "--chat-template"),
+])
+def test_unimplemented_flags_fail_at_start(flags, needle):
+    r = subprocess.run([sys.executable, "-m", "ember.cli", "serve", *flags], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 2
+    assert needle in r.stderr, r.stderr
+
+
+def test_launch_server_cmd_port_handling(tmp_path):
+    script = tmp_path / "echo_args.py"
+    script.write_text("import sys, time; print(sys.argv[1:], flush=True); time.sleep(30)")
+    # port given: replaces the command's own --port
+    proc, port = launch_server_cmd(f"python {script} --host 0.0.0.0 --port 8000", port=8123)
+    try:
+        assert port == 8123
+        assert proc.args[-2:] == ["--port", "8123"] or "8123" in proc.args
+        assert "8000" not in proc.args and proc.args[0] == sys.executable
+    finally:
+        terminate_process(proc)
+    assert proc.poll() is not None
+    # no port: a free one is appended
+    proc, port = launch_server_cmd(f"python3 {script} \\\n --log-level warning")
+    try:
+        assert proc.args[-2:] == ["--port", str(port)] and port > 0
+        assert "\\" not in " ".join(proc.args)
+    finally:
+        terminate_process(proc)
+    # no port argument but the command has one: it is used
+    proc, port = launch_server_cmd(f"python {script} --port 8124")
+    try:
+        assert port == 8124
+    finally:
+        terminate_process(proc)
+
+
+def test_split_and_normalize():
+    assert _split_command("python3 -m x \\\n --a b")[1:] == ["-m", "x", "--a", "b"]
+    assert _normalize_base_url("https://:8000") == "http://127.0.0.1:8000"
+    assert _normalize_base_url("http://0.0.0.0:8000/") == "http://127.0.0.1:8000"
+    assert _normalize_base_url("http://localhost:30000") == "http://localhost:30000"
