@@ -2,6 +2,7 @@
 response fields: matched_stop, reasoning_content, usage.reasoning_tokens, metadata.weight_version)."""
 from __future__ import annotations
 
+import json
 import uuid
 from typing import TYPE_CHECKING
 
@@ -18,7 +19,9 @@ from ember.api.serving import (
 from ember.engine.engine_client import EngineRequestError
 from ember.engine.io_struct import GenerateReq, TokenOut
 from ember.engine.sampling_params import SamplingParams
-from ember.frontend.output_processor import DEFAULT_TOOL_PARSERS, ChoiceOutput, Delta, make_output_parser
+from ember.frontend.output_processor import (
+    DEFAULT_TOOL_PARSERS, ChoiceOutput, Delta, ForcedToolOutput, forced_tool_schema, make_output_parser,
+)
 from ember.frontend.tokenizer_manager import PromptError
 
 if TYPE_CHECKING:
@@ -380,8 +383,20 @@ async def chat_completions(request: Request):
         raise APIError("top_logprobs requires logprobs=true", 400, "top_logprobs")
     sp = build_sampling(req, max_new, tm.vocab_size, top_n)
 
+    # tool_choice "required" or a named function: the engine constrains the output to JSON tool calls
+    forced = tools is not None and (tool_choice == "required" or not isinstance(tool_choice, str))
+    named = None if not forced or isinstance(tool_choice, str) else tool_choice.function.name
+    if forced:
+        if sp.json_schema or sp.regex or sp.ebnf:
+            raise APIError("response_format cannot be combined with tool_choice required or a named tool", 400,
+                           "response_format")
+        try:
+            sp.json_schema = json.dumps(forced_tool_schema(tools, named))
+        except ValueError as e:
+            raise APIError(str(e), 400, "tool_choice") from e
+
     # output parsers
-    reasoning_parser = args.reasoning_parser if req.separate_reasoning else None
+    reasoning_parser = args.reasoning_parser if req.separate_reasoning and not forced else None
     tool_parser = None
     if tools:
         tool_parser = args.tool_call_parser or DEFAULT_TOOL_PARSERS.get(state.model_type or "")
@@ -389,7 +404,9 @@ async def chat_completions(request: Request):
     if reasoning_parser and template_kwargs.get("enable_thinking") is False:
         force_reasoning = False
 
-    def new_output() -> ChoiceOutput:
+    def new_output():
+        if forced:
+            return ForcedToolOutput(named)
         try:
             return ChoiceOutput(make_output_parser(reasoning_parser, tool_parser, tools, force_reasoning))
         except Exception as e:  # noqa: BLE001 - e.g. parsers not available

@@ -80,3 +80,77 @@ class ChoiceOutput:
                             "arguments": getattr(c, "arguments", "") or ""}
                            for c in (getattr(self.parser, "tool_calls", None) or [])]
         return d
+
+
+def forced_tool_schema(tools: list[dict], named: str | None) -> dict:
+    """JSON schema that constrains the output when tool_choice is "required" (a JSON array of
+    {"name", "parameters"} objects) or names one function (that function's arguments object)."""
+    def params(t):
+        p = (t.get("function") or {}).get("parameters")
+        return p if isinstance(p, dict) and p else {"type": "object"}
+
+    if named is not None:
+        for t in tools:
+            if (t.get("function") or {}).get("name") == named:
+                return params(t)
+        raise ValueError(f"tool_choice names {named!r}, which is not in tools")
+    return {
+        "type": "array",
+        "minItems": 1,
+        "items": {"anyOf": [{
+            "type": "object",
+            "properties": {"name": {"type": "string", "enum": [t["function"]["name"]]}, "parameters": params(t)},
+            "required": ["name", "parameters"],
+        } for t in tools if t.get("function", {}).get("name")]},
+    }
+
+
+class ForcedToolOutput:
+    """Output of a request whose tool_choice forced tool calls (the engine constrained it to JSON).
+
+    named: the whole output is the arguments of that function (streamed as argument deltas).
+    required: the output is a JSON array of {"name", "parameters"}; the calls come at the end."""
+
+    def __init__(self, named: str | None):
+        self.named = named
+        self.text = ""
+        self.content = ""
+        self.reasoning = ""
+        self.tool_calls: list[dict] = []
+        self._started = False
+        self._id = _call_id()
+
+    def feed(self, text: str) -> Delta:
+        self.text += text
+        if self.named is None or not text:
+            return Delta()
+        calls = [ToolCallOut(0, None if self._started else self._id, None if self._started else self.named, text)]
+        self._started = True
+        return Delta(tool_calls=calls)
+
+    def finish(self) -> Delta:
+        import json
+        if self.named is not None:
+            self.tool_calls = [{"id": self._id, "name": self.named, "arguments": self.text}]
+            if not self._started:
+                self._started = True
+                return Delta(tool_calls=[ToolCallOut(0, self._id, self.named, self.text)])
+            return Delta()
+        try:
+            items = json.loads(self.text)
+        except json.JSONDecodeError:
+            self.content = self.text  # cut short (max_tokens): give the text back as content
+            return Delta(content=self.text)
+        out = []
+        for i, item in enumerate(items if isinstance(items, list) else []):
+            if isinstance(item, dict) and "name" in item:
+                args = json.dumps(item.get("parameters", {}), ensure_ascii=False)
+                call = {"id": _call_id(), "name": item["name"], "arguments": args}
+                self.tool_calls.append(call)
+                out.append(ToolCallOut(i, call["id"], call["name"], args))
+        return Delta(tool_calls=out)
+
+
+def _call_id() -> str:
+    import uuid
+    return f"call_{uuid.uuid4().hex[:24]}"

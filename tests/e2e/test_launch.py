@@ -19,7 +19,21 @@ def _tree(pid: int) -> list[psutil.Process]:
     return [p] + p.children(recursive=True)
 
 
-def test_launch_wait_terminate_leaves_nothing(smollm2_model):
+def _health_statuses_until_ready(port: int, proc, timeout: float = 600) -> list[int]:
+    statuses = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            statuses.append(requests.get(f"http://127.0.0.1:{port}/health", timeout=5).status_code)
+        except requests.RequestException:
+            pass
+        if statuses and statuses[-1] == 200:
+            break
+        time.sleep(0.1)
+    return statuses
+
+
+def test_launch_wait_terminate_leaves_nothing(smollm2_model, capfd):
     port = get_free_port()
     cmd = (
         f"python -m ember.launch_server "
@@ -32,7 +46,11 @@ def test_launch_wait_terminate_leaves_nothing(smollm2_model):
     )
     server_process, port = launch_server_cmd(cmd, port=port)
     try:
+        statuses = _health_statuses_until_ready(port, server_process)
+        assert statuses and statuses[-1] == 200 and 503 in statuses, statuses  # 503 while loading
         wait_for_server(f"http://127.0.0.1:{port}", timeout=600, process=server_process)
+        time.sleep(0.5)
+        assert f"ember server ready at http://127.0.0.1:{port}" in capfd.readouterr().err
         procs = _tree(server_process.pid)
         assert len(procs) >= 2, "expected an API process and an engine process"
         r = requests.post(f"http://127.0.0.1:{port}/v1/completions",
