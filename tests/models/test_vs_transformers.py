@@ -38,10 +38,15 @@ def assert_same_greedy(ours, theirs, ref, prompt):
 
 
 def hf_greedy(ref, ids, n):
+    """n argmax tokens from transformers, never stopping at EOS (like ignore_eos)."""
+    out_ids = []
     with torch.no_grad():
-        out = ref.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False, min_new_tokens=n,
-                           pad_token_id=0)
-    return out[0, len(ids):].tolist()
+        out = ref(torch.tensor([ids]), use_cache=True)
+        for _ in range(n):
+            tok = int(out.logits[0, -1].argmax())
+            out_ids.append(tok)
+            out = ref(torch.tensor([[tok]]), past_key_values=out.past_key_values, use_cache=True)
+    return out_ids
 
 
 @pytest.mark.parametrize("name", list(PROMPTS))
