@@ -72,6 +72,8 @@ class ModelRunner:
             if args.max_total_tokens:
                 swa_tokens = min(swa_tokens, args.max_total_tokens)
         full_tokens = int((budget - swa_tokens * per_token.get("swa", 0)) // per_token["full"])
+        # never more than every running request at full context could use (small models, big GPUs)
+        full_tokens = min(full_tokens, args.max_running_requests * self.context_limit(args))
         if args.max_total_tokens:
             full_tokens = min(full_tokens, args.max_total_tokens)
         pages = {"full": full_tokens // P + 1}
@@ -80,6 +82,9 @@ class ModelRunner:
         logger.info("KV cache: %s pages of %d tokens (%s)", pages, P,
                     ", ".join(f"{g}: {len(l)} layers" for g, l in groups.items()))
         return KVCache(groups, pages, P, hkv, D, self.dtype, self.device)
+
+    def context_limit(self, args) -> int:
+        return args.context_length or self.config.max_position_embeddings
 
     # ------------------------------------------------------------------ batch -> tensors
     def build_batch(self, reqs, extend_lens) -> ForwardBatch:

@@ -53,7 +53,7 @@ def hf_greedy(ref, ids, n):
 def test_prefill_logits_match(name, engine_for, reference_for):
     engine, ref = engine_for(name), reference_for(name)
     ids = prompt_ids(engine.tokenizer, PROMPTS[name])
-    ours = engine.core.prompt_logits(ids)
+    ours = engine.core.prompt_logits(ids).cpu()
     theirs = reference_logits(ref, ids)
     assert ours.shape == theirs.shape
     diff = (ours - theirs).abs().max().item()
@@ -79,7 +79,7 @@ def test_gemma3_sliding_window_beyond_the_window(engine_for, reference_for):
     ids = engine.tokenizer.encode(words * 30)[:700]
     assert len(ids) > 600
     theirs = reference_logits(ref, ids)
-    ours = engine.core.prompt_logits(ids)
+    ours = engine.core.prompt_logits(ids).cpu()
     assert (ours[-1] - theirs[-1]).abs().max().item() < 2e-2
     out = engine.generate(input_ids=ids, sampling_params={"max_new_tokens": 16, "temperature": 0, "ignore_eos": True})
     assert_same_greedy(out["output_ids"], hf_greedy(ref, ids, 16), ref, ids)
