@@ -1,4 +1,5 @@
 """Model fixtures, each loaded once per test session: ember's engine and the transformers reference."""
+import gc
 import os
 
 import pytest
@@ -36,8 +37,19 @@ def tiny_gemma3_dir(tiny_dir):
     return tiny_model("gemma3", tiny_dir / "gemma3")
 
 
-_engines = {}
-_refs = {}
+# Small LRU caches: a model is loaded once while its tests run, without holding every model at once
+# (CI has 24 GiB and runs servers beside these tests).
+_engines: dict = {}
+_refs: dict = {}
+MAX_ENGINES, MAX_REFS = 2, 1
+
+
+def _remember(cache: dict, key, value, limit: int):
+    cache.pop(key, None)
+    cache[key] = value
+    while len(cache) > limit:
+        cache.pop(next(iter(cache)))
+    gc.collect()
 
 
 @pytest.fixture(scope="session")
@@ -47,11 +59,14 @@ def engine_for(request):
 
     def get(name, **kwargs):
         key = (name, tuple(sorted(kwargs.items())))
-        if key not in _engines:
+        if key in _engines:
+            _remember(_engines, key, _engines[key], MAX_ENGINES)  # mark as recently used
+        else:
             path = request.getfixturevalue(MODEL_FIXTURES[name])
             # float32: compared against the fp32 reference (on CUDA too; EMBER_TEST_DEVICE=cuda runs them there)
-            kwargs = {"dtype": "float32", "device": os.environ.get("EMBER_TEST_DEVICE", "auto"), **kwargs}
-            _engines[key] = Engine(model_path=str(path), **kwargs)
+            kwargs = {"dtype": "float32", "device": os.environ.get("EMBER_TEST_DEVICE", "auto"),
+                      "cpu_kv_cache_gb": 0.25, **kwargs}
+            _remember(_engines, key, Engine(model_path=str(path), **kwargs), MAX_ENGINES)
         return _engines[key]
     yield get
     _engines.clear()
@@ -65,7 +80,7 @@ def reference_for(request):
     def get(name):
         if name not in _refs:
             path = request.getfixturevalue(MODEL_FIXTURES[name])
-            _refs[name] = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+            _remember(_refs, name, AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval(), MAX_REFS)
         return _refs[name]
     yield get
     _refs.clear()

@@ -50,20 +50,16 @@ def hf_greedy(ref, ids, n):
 
 
 @pytest.mark.parametrize("name", list(PROMPTS))
-def test_prefill_logits_match(name, engine_for, reference_for):
+def test_logits_and_32_greedy_tokens_match(name, engine_for, reference_for):
     engine, ref = engine_for(name), reference_for(name)
     ids = prompt_ids(engine.tokenizer, PROMPTS[name])
+    # prefill logits at every prompt position
     ours = engine.core.prompt_logits(ids).cpu()
     theirs = reference_logits(ref, ids)
     assert ours.shape == theirs.shape
     diff = (ours - theirs).abs().max().item()
     assert diff < LOGIT_TOL * max(1.0, theirs.abs().max().item() / 10), f"max abs logit diff {diff}"
-
-
-@pytest.mark.parametrize("name", list(PROMPTS))
-def test_32_greedy_tokens_match(name, engine_for, reference_for):
-    engine, ref = engine_for(name), reference_for(name)
-    ids = prompt_ids(engine.tokenizer, PROMPTS[name])
+    # 32 greedy tokens through the scheduler
     out = engine.generate(input_ids=ids, sampling_params={"max_new_tokens": 32, "temperature": 0, "ignore_eos": True})
     assert len(out["output_ids"]) == 32
     assert_same_greedy(out["output_ids"], hf_greedy(ref, ids, 32), ref, ids)
