@@ -47,6 +47,7 @@ class Engine:
     label = ""
     weights = ""
     serial = False
+    mem_gb = 3.0  # rough peak RSS; run_engine waits (a while) for this much available memory
     startup_timeout = 900.0
 
     def is_set_up(self) -> bool:
@@ -72,6 +73,7 @@ class Ember(Engine):
     key = "ember"
     label = "ember"
     weights = "fp32 (dequantized from the same GGUF)"
+    mem_gb = 4.0
 
     def __init__(self, extra_args: str = "", label: str | None = None, weights: str | None = None):
         self.extra_args = extra_args.strip()
@@ -100,6 +102,7 @@ class LlamaCpp(Engine):
     label = "llama.cpp `llama-server -np 16 -cb`"
     weights = "the GGUF itself (Q4_K_M for qwen2.5-coder-0.5b)"
     startup_timeout = 300.0
+    mem_gb = 1.5
 
     def is_set_up(self):
         return llama_cpp.is_set_up()
@@ -127,7 +130,8 @@ class Vllm(Engine):
     key = "vllm"
     label = "vLLM CPU"
     weights = "fp32 (HF dir ember converted from the GGUF)"
-    startup_timeout = 900.0
+    startup_timeout = 1200.0  # ~200 s when quiet; its first start also torch.compiles (cached after)
+    mem_gb = 6.0
 
     def is_set_up(self):
         return vllm_cpu.is_set_up()
@@ -186,6 +190,28 @@ def machine_info() -> dict:
     return info
 
 
+def mem_available_gb() -> float:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) / 2**20
+    except OSError:
+        pass
+    return float("inf")
+
+
+def wait_for_memory(need_gb: float, max_wait_s: float) -> None:
+    """This machine is shared: do not start a server into memory others are using (swap-less thrashing
+    ruins every number). Waits up to max_wait_s for need_gb available, then goes on with a warning."""
+    deadline = time.time() + max_wait_s
+    while mem_available_gb() < need_gb and time.time() < deadline:
+        print(f"waiting for {need_gb:.1f} GiB available memory (now {mem_available_gb():.1f})", flush=True)
+        time.sleep(15)
+    if mem_available_gb() < need_gb:
+        print(f"warning: only {mem_available_gb():.1f} GiB available, {need_gb:.1f} wanted", flush=True)
+
+
 def workload_key(a) -> str:
     return f"{a.model} | {a.dataset_name} | out {a.output_len} | n {a.num_prompts}" + \
         (f" (c=1: {a.num_prompts_c1})" if a.num_prompts_c1 and a.num_prompts_c1 != a.num_prompts else "")
@@ -214,7 +240,7 @@ def summarize(res: dict) -> dict:
             "median_tpot_ms", "median_e2e_latency_ms", "p99_e2e_latency_ms", "output_len_mismatches")
     s = {k: m[k] for k in keep if k in m}
     s.update(num_prompts=res["args"]["num_prompts"], date=res["date"], prompt_len_min=res["prompt_len_min"],
-             prompt_len_max=res["prompt_len_max"])
+             prompt_len_max=res["prompt_len_max"], loadavg_1min=round(os.getloadavg()[0], 1))
     if m.get("errors"):
         s["errors"] = m["errors"]
     return s
@@ -240,6 +266,7 @@ def run_engine(eng: Engine, a, state_w: dict) -> None:
             print(f"[{eng.key}] {entry['error']}", flush=True)
             return
     entry["version"] = eng.version()
+    wait_for_memory(eng.mem_gb, a.memory_wait_s)
     port = get_free_port()
     cmd = eng.server_cmd(a.model, port)
     env = eng.server_env()
@@ -383,8 +410,8 @@ def render(state: dict) -> str:
         out.append("<details><summary>Every run: request throughput, TTFT, ITL, end-to-end latency</summary>")
         out.append("")
         out += ["| engine | c | requests | prompt tokens | out tok/s | total tok/s | req/s | TTFT p50 / p90 / p99 ms | "
-                "ITL p50 / p90 / p99 ms | TPOT p50 ms | E2E p50 / p99 s | date |",
-                "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+                "ITL p50 / p90 / p99 ms | TPOT p50 ms | E2E p50 / p99 s | load avg | date |",
+                "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for k, e in engines:
             for c, r in e.get("runs", {}).items():
                 if "output_throughput" not in r:
@@ -394,7 +421,7 @@ def render(state: dict) -> str:
                            f"{_f(r['median_ttft_ms'], 0)} / {_f(r['p90_ttft_ms'], 0)} / {_f(r['p99_ttft_ms'], 0)} | "
                            f"{_f(r['median_itl_ms'])} / {_f(r['p90_itl_ms'])} / {_f(r['p99_itl_ms'])} | "
                            f"{_f(r.get('median_tpot_ms'))} | {_f(r['median_e2e_latency_ms'] / 1000)} / "
-                           f"{_f(r['p99_e2e_latency_ms'] / 1000)} | {r['date']} |")
+                           f"{_f(r['p99_e2e_latency_ms'] / 1000)} | {r.get('loadavg_1min', '—')} | {r['date']} |")
         out += ["", "</details>", ""]
         out.append("Versions and exact server commands (env: `" + " ".join(f"{k}={v}" for k, v in BASE_ENV.items())
                    + "` for all):")
@@ -464,6 +491,8 @@ def main(argv=None) -> int:
     p.add_argument("--serial-all", action="store_true", help="Also measure the serial transformers server at c > 1.")
     p.add_argument("--setup", action="store_true", help="Build/install peers that are not set up yet.")
     p.add_argument("--no-markdown", action="store_true", help="Do not update BENCHMARKS.md.")
+    p.add_argument("--memory-wait-s", type=float, default=600.0,
+                   help="Wait up to this long for enough available memory before starting each server.")
     p.add_argument("--disable-tqdm", action="store_true")
     a = p.parse_args(argv)
 

@@ -563,6 +563,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     proc = None
     base_url = args.base_url
     port = args.port
+    t_launch = time.perf_counter()
     if args.launch:
         proc, port = _launch(args.launch, port, args.launch_log)
         base_url = f"http://{args.host}:{port}"
@@ -576,10 +577,9 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
         args._tokenizer = tokenizer
         specs = build_workload(args, tokenizer)
         if args.launch:
-            t0 = time.perf_counter()
             wait_for_server(base_url, timeout=args.launch_timeout, process=proc, api_key=args.api_key)
-            _wait_healthy(base_url, t0 + args.launch_timeout, proc)
-            startup_s = time.perf_counter() - t0
+            _wait_healthy(base_url, t_launch + args.launch_timeout, proc)
+            startup_s = time.perf_counter() - t_launch
         else:
             startup_s = None
         server_info = _server_versions(base_url, args.api_key)
@@ -612,7 +612,8 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
             terminate_process(proc)
 
     metrics = calculate_metrics(outputs, duration)
-    saved_args = {k: v for k, v in vars(args).items() if not k.startswith("_") and k != "func"}
+    saved_args = {k: (str(v) if isinstance(v, float) and not np.isfinite(v) else v)
+                  for k, v in vars(args).items() if not k.startswith("_") and k != "func"}
     result: dict[str, Any] = {
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
         "base_url": base_url,
