@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import os
 import sys
 import typing
 
@@ -53,6 +54,7 @@ HELP: dict[str, str] = {
     "speculative_eagle_topk": "Speculative decoding: EAGLE top-k branching (not implemented yet).",
     "speculative_num_draft_tokens": "Speculative decoding: draft tokens per verify (not implemented yet).",
     "enable_multi_layer_eagle": "Multi-layer EAGLE / MTP drafting (not implemented yet).",
+    "quantization": "Weight-only quantization for CPU decode: int8 or int4 (default: none, exact weights).",
     "random_seed": "Random seed for sampling.",
     "num_threads": "Torch threads on CPU (default: all cores).",
 }
@@ -60,6 +62,7 @@ HELP: dict[str, str] = {
 CHOICES: dict[str, list[str]] = {
     "log_level": ["debug", "info", "warning", "error", "critical"],
     "device": ["auto", "cpu", "cuda"],
+    "quantization": ["int8", "int4"],
 }
 
 # Flags that are accepted (SGLang users pass them) but not implemented yet: starting with them fails.
@@ -138,17 +141,10 @@ def check_server_args(args: ServerArgs, given: set[str] | None = None) -> list[s
         errors.append(f"--port must be in 1..65535, got {args.port}")
     if args.context_length is not None and args.context_length < 1:
         errors.append(f"--context-length must be >= 1, got {args.context_length}")
-    try:
-        args.resolved_dtype()
-    except ValueError as e:
-        errors.append(str(e))
-    except ImportError:
-        pass
-    device = None
-    try:
-        device = args.resolved_device()
-    except ImportError:
-        pass
+    # (no torch here: the API process stays small; the engine process validates --dtype / --device)
+    device = args.device
+    if device == "auto":
+        device = "cuda" if os.path.exists("/dev/nvidiactl") else "cpu"
     if device == "cpu":
         if args.disable_cuda_graph:
             logger.info("--disable-cuda-graph is a no-op on CPU (there are no CUDA graphs)")

@@ -40,6 +40,7 @@ class ServerArgs:
     speculative_eagle_topk: int | None = None
     speculative_num_draft_tokens: int | None = None
     enable_multi_layer_eagle: bool = False
+    quantization: str | None = None  # int8 | int4: weight-only, for fast CPU decode (fp32 stays exact)
     random_seed: int = 0
     num_threads: int | None = None  # torch threads on CPU (default: all cores)
 

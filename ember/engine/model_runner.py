@@ -50,6 +50,12 @@ class ModelRunner:
         if self.device == "cpu" and server_args.num_threads:
             torch.set_num_threads(server_args.num_threads)
         self.model, self.config = load_model(model_dir, hf_config, self.dtype, self.device)
+        if server_args.quantization:
+            if self.device != "cpu":
+                raise ValueError(f"--quantization {server_args.quantization} is implemented for CPU only")
+            from ember.layers.quantization import quantize_model
+            quantize_model(self.model, server_args.quantization)
+            logger.info("weights quantized to %s (weight-only)", server_args.quantization)
         self.page_size = server_args.page_size
         self.window = self.model.sliding_window()
         self.kv_cache = self._make_kv_cache(server_args)

@@ -13,12 +13,15 @@ ACTIVATIONS = {
 class GatedMLP(nn.Module):
     def __init__(self, hidden_size: int, intermediate_size: int, act: str = "silu"):
         super().__init__()
-        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
-        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        # gate and up in one GEMM (fewer, larger matmuls); checkpoints load into the two halves
+        self.gate_up_proj = nn.Linear(hidden_size, 2 * intermediate_size, bias=False)
+        self.gate_up_proj.shards = {"gate_proj": (0, intermediate_size), "up_proj": (intermediate_size, intermediate_size)}
+        self.intermediate_size = intermediate_size
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
         if act not in ACTIVATIONS:
             raise ValueError(f"unsupported activation {act!r}")
         self.act = ACTIVATIONS[act]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)
+        return self.down_proj(self.act(gate) * up)

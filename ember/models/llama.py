@@ -33,9 +33,12 @@ class LlamaAttention(nn.Module):
         self.num_heads, self.num_kv_heads, self.head_dim = (
             config.num_attention_heads, config.num_key_value_heads, D)
         bias = getattr(config, "attention_bias", False) or self.qkv_bias
-        self.q_proj = nn.Linear(hidden, self.num_heads * D, bias=bias)
-        self.k_proj = nn.Linear(hidden, self.num_kv_heads * D, bias=bias)
-        self.v_proj = nn.Linear(hidden, self.num_kv_heads * D, bias=bias)
+        q_size, kv_size = self.num_heads * D, self.num_kv_heads * D
+        # q, k and v in one GEMM; checkpoints load into its three slices
+        self.qkv_proj = nn.Linear(hidden, q_size + 2 * kv_size, bias=bias)
+        self.qkv_proj.shards = {"q_proj": (0, q_size), "k_proj": (q_size, kv_size),
+                                "v_proj": (q_size + kv_size, kv_size)}
+        self.split_sizes = [q_size, kv_size, kv_size]
         self.o_proj = nn.Linear(self.num_heads * D, hidden, bias=getattr(config, "attention_bias", False))
         if self.qk_norm:
             self.q_norm = RMSNorm(D, config.rms_norm_eps, self.norm_unit_offset)
@@ -45,9 +48,10 @@ class LlamaAttention(nn.Module):
 
     def forward(self, positions, x, batch):
         T = x.shape[0]
-        q = self.q_proj(x).view(T, self.num_heads, self.head_dim)
-        k = self.k_proj(x).view(T, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(T, self.num_kv_heads, self.head_dim)
+        q, k, v = self.qkv_proj(x).split(self.split_sizes, dim=-1)
+        q = q.reshape(T, self.num_heads, self.head_dim)
+        k = k.reshape(T, self.num_kv_heads, self.head_dim)
+        v = v.reshape(T, self.num_kv_heads, self.head_dim)
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = self.rotary[0](positions, q, k)
@@ -125,23 +129,31 @@ class LlamaForCausalLM(nn.Module):
         if self.tie_word_embeddings:  # re-tie: moving off the meta device may have split them
             self.lm_head.weight = self.model.embed_tokens.weight
         params = dict(self.named_parameters(remove_duplicate=False))
-        loaded = set()
+        # "x.q_proj" -> ("x.qkv_proj", start, size): checkpoint tensors that fill a slice of a fused layer
+        fused = {f"{name.rpartition('.')[0]}.{shard}".lstrip("."): (name, start, size)
+                 for name, m in self.named_modules() if hasattr(m, "shards")
+                 for shard, (start, size) in m.shards.items()}
+        loaded: dict[str, int] = {}  # parameter -> rows filled
         for hf_name, tensor in weights:
             name = self.map_weight_name(hf_name)
-            if name is None:
+            if name is None or (name == "lm_head.weight" and self.tie_word_embeddings):
                 continue
-            if name == "lm_head.weight" and self.tie_word_embeddings:
-                continue
+            module_name, _, leaf = name.rpartition(".")
+            start = None
+            if name not in params and module_name in fused:
+                target, start, size = fused[module_name]
+                name = f"{target}.{leaf}"
             if name not in params:
                 logger.debug("ignoring checkpoint tensor %s", hf_name)
                 continue
             p = params[name]
-            if p.shape != tensor.shape:
-                raise ValueError(f"shape mismatch for {name}: checkpoint {tuple(tensor.shape)} vs model {tuple(p.shape)}")
+            dest = p if start is None else p.narrow(0, start, size)
+            if dest.shape != tensor.shape:
+                raise ValueError(f"shape mismatch for {hf_name}: checkpoint {tuple(tensor.shape)} vs model {tuple(dest.shape)}")
             with torch.no_grad():
-                p.copy_(tensor)
-            loaded.add(name)
-        missing = [n for n in params if n not in loaded
+                dest.copy_(tensor)
+            loaded[name] = loaded.get(name, 0) + dest.shape[0]
+        missing = [n for n, p in params.items() if loaded.get(n, 0) < p.shape[0]
                    and not (n == "lm_head.weight" and self.tie_word_embeddings)]
         if missing:
             raise ValueError(f"checkpoint is missing {len(missing)} tensors, e.g. {missing[:5]}")
