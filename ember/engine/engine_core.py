@@ -166,7 +166,13 @@ class EngineCore:
         batch = self.scheduler.schedule()
         if batch is None:
             return outs
-        logits = self.runner.forward(batch.reqs, batch.extend_lens)
+        wants_prompt = [r.return_prompt_logprobs and r.kv_len < len(r.prompt_ids) for r in batch.reqs]
+        if any(wants_prompt):
+            logits, full = self.runner.forward(batch.reqs, batch.extend_lens, full_rows=wants_prompt)
+            for i, rows in full.items():
+                self._record_prompt_logprobs(batch.reqs[i], rows)
+        else:
+            logits = self.runner.forward(batch.reqs, batch.extend_lens)
         for req, n in zip(batch.reqs, batch.extend_lens):
             req.kv_len += n
         ready = [i for i, r in enumerate(batch.reqs) if r.extend_len == 0]  # prefill done: sample
@@ -180,6 +186,18 @@ class EngineCore:
                     self.scheduler.finish(req)
                 outs.append(self._report(req))
         return outs
+
+    @staticmethod
+    def _record_prompt_logprobs(req: Req, rows: torch.Tensor) -> None:
+        """rows: logits at positions kv_len.. of this chunk; position p predicts prompt token p + 1."""
+        if req.prompt_logprobs is None or req.kv_len == 0:  # (again after a preemption)
+            req.prompt_logprobs = [None]  # the first token has no context
+        lp = torch.log_softmax(rows.float(), dim=-1)
+        start = req.kv_len
+        targets = req.prompt_ids[start + 1:start + 1 + rows.shape[0]]
+        if targets:
+            idx = torch.tensor(targets, device=lp.device).unsqueeze(1)
+            req.prompt_logprobs += lp[:len(targets)].gather(1, idx).squeeze(1).tolist()
 
     def _append_token(self, req: Req, tok: int, logprob) -> None:
         sp = req.sampling
@@ -208,5 +226,8 @@ class EngineCore:
             finished=req.finished, finish_reason=req.finish_reason, matched_stop=req.matched_stop,
             prompt_tokens=len(req.prompt_ids), completion_tokens=req.num_output,
             cached_tokens=req.cached_tokens or 0, logprobs=req.pending_logprobs or None, error=req.error)
+        if req.prompt_logprobs is not None and len(req.prompt_logprobs) == len(req.prompt_ids):
+            out.prompt_logprobs, req.prompt_logprobs = req.prompt_logprobs, None
+            req.return_prompt_logprobs = False  # sent once; a recompute after preemption skips it
         req.pending_ids, req.pending_logprobs = [], []
         return out

@@ -139,9 +139,24 @@ class ModelRunner:
         return ForwardBatch(input_ids.to(self.device), positions.to(self.device), attn, self.kv_cache,
                             logit_index.to(self.device))
 
-    def forward(self, reqs, extend_lens, all_positions: bool = False) -> torch.Tensor:
-        """Logits (float32) at each request's last scheduled token [B, vocab], or at every token [T, vocab]."""
+    def forward(self, reqs, extend_lens, all_positions: bool = False, full_rows: list[bool] | None = None):
+        """Logits (float32) at each request's last scheduled token: [B, vocab].
+        all_positions: logits at every token instead, [T, vocab].
+        full_rows: per request, whether it also wants logits at all of its scheduled tokens (prompt logprobs);
+        then returns (last [B, vocab], {i: [n_i, vocab]})."""
         batch = self.build_batch(reqs, extend_lens)
         if all_positions:
             batch.logit_index = torch.arange(batch.input_ids.shape[0], device=self.device)
-        return self.model(batch)
+            return self.model(batch)
+        if not full_rows or not any(full_rows):
+            return self.model(batch)
+        ends = torch.cumsum(torch.tensor(extend_lens), 0)
+        index, spans = [], {}
+        for i, (n, end, full) in enumerate(zip(extend_lens, ends.tolist(), full_rows)):
+            start = len(index)
+            index.extend(range(end - n, end) if full else [end - 1])
+            spans[i] = (start, len(index))
+        batch.logit_index = torch.tensor(index, device=self.device)
+        logits = self.model(batch)
+        last = logits[torch.tensor([b - 1 for _, b in spans.values()], device=self.device)]
+        return last, {i: logits[a:b] for i, (a, b) in spans.items() if full_rows[i]}

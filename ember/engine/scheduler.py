@@ -146,7 +146,7 @@ class Scheduler:
         # admit waiting requests while budget, slots and pages allow
         while self.waiting and budget > 0 and len(self.running) < self.max_running:
             req = self.waiting[0]
-            if self.radix is not None and req.kv_len == 0:
+            if self.radix is not None and req.kv_len == 0 and not req.return_prompt_logprobs:
                 # reuse the longest cached prefix; keep at least one token to compute
                 nodes = self.radix.match_prefix(req.token_ids[:len(req.token_ids) - 1])
                 self.radix.lock(nodes)

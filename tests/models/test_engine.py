@@ -150,3 +150,36 @@ def test_sampling_seed_is_reproducible_in_a_batch(smol):
     batch = smol.generate(PROMPTS, [{"temperature": 0.8, "max_new_tokens": 16, "ignore_eos": True}] * 2
                           + [seeded] + [{"temperature": 1.2, "top_k": 5, "max_new_tokens": 16}] * 5)
     assert batch[2]["output_ids"] == solo
+
+
+def test_prompt_and_output_logprobs_match_transformers(smol, reference_for):
+    """Prompt logprobs (echo) computed in chunks inside the batch, and top logprobs of a greedy request."""
+    import torch
+    from ember.engine.io_struct import GenerateReq
+    from ember.engine.sampling_params import SamplingParams
+    ids = smol.tokenizer.encode("The capital of France is Paris, and the capital of Italy is")
+    core = smol.core
+    old_chunk = core.scheduler.chunk_size
+    core.scheduler.chunk_size = 5  # prompt logprobs must survive chunked prefill
+    try:
+        core.add_request(GenerateReq("lp", ids, SamplingParams(max_new_tokens=4, temperature=0, logprobs=5),
+                                     return_prompt_logprobs=True))
+        outs = []
+        while core.has_work():
+            outs += [o for o in core.step() if o.rid == "lp"]
+    finally:
+        core.scheduler.chunk_size = old_chunk
+    prompt_lps = next(o.prompt_logprobs for o in outs if o.prompt_logprobs)
+    out_ids = [t for o in outs for t in o.new_token_ids]
+    lps = [x for o in outs for x in (o.logprobs or [])]
+    ref = reference_for("smollm2")
+    with torch.no_grad():
+        ref_lp = torch.log_softmax(ref(torch.tensor([ids + out_ids])).logits[0].float(), -1)
+    assert prompt_lps[0] is None and len(prompt_lps) == len(ids)
+    for p in range(1, len(ids)):
+        assert abs(prompt_lps[p] - ref_lp[p - 1, ids[p]].item()) < 1e-3
+    for k, (chosen, top) in enumerate(lps):
+        row = ref_lp[len(ids) - 1 + k]
+        assert top[0][0] == out_ids[k] and abs(chosen - top[0][1]) < 1e-6  # greedy: the chosen token is the top one
+        assert abs(chosen - row[out_ids[k]].item()) < 1e-3
+        assert len(top) == 5 and torch.logsumexp(torch.tensor([l for _, l in top]), 0) <= 1e-6
