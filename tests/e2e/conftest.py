@@ -70,6 +70,16 @@ def _server_env() -> dict:
     return env
 
 
+def _die_with_test_process() -> None:
+    """In the server child: get SIGTERM from the kernel if the test process dies (no stray servers)."""
+    try:
+        import ctypes
+        import signal
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except Exception:  # noqa: BLE001
+        pass
+
+
 def start_server(args: list[str], log_dir: Path, name: str, api_key: str | None = None) -> Server:
     """Start `python -m ember.launch_server ARGS` and wait for /health; raises with the log on failure."""
     import requests
@@ -80,7 +90,8 @@ def start_server(args: list[str], log_dir: Path, name: str, api_key: str | None 
     if api_key:
         cmd += ["--api-key", api_key]
     log = open(log_path, "w")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=_server_env(), start_new_session=True)
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=_server_env(), start_new_session=True,
+                            preexec_fn=_die_with_test_process)
     server = Server(proc, port, log_path, api_key)
     deadline = time.monotonic() + START_TIMEOUT_S
     while time.monotonic() < deadline:
@@ -115,10 +126,14 @@ class _Servers:
                 raise
         return self.servers[key]
 
+    def stop(self, key: str) -> None:
+        server = self.servers.pop(key, None)
+        if server is not None:
+            terminate_process(server.proc)
+
     def stop_all(self) -> None:
-        for s in self.servers.values():
-            terminate_process(s.proc)
-        self.servers.clear()
+        for key in list(self.servers):
+            self.stop(key)
 
 
 _REGISTRY: list[_Servers] = []
@@ -134,13 +149,30 @@ def e2e_servers(tmp_path_factory):
 
 
 _E2E_DIR = Path(__file__).parent
+# server fixture -> registry key
+SERVER_FIXTURES = {"smollm2_server": "smollm2", "smollm2_special_server": "smollm2-special",
+                   "qwen_server": "qwen"}
+_LAST_USER: dict[str, str] = {}  # registry key -> nodeid of the last test that uses it
+
+
+def pytest_collection_modifyitems(session, config, items):
+    for item in items:
+        for fixture, key in SERVER_FIXTURES.items():
+            if fixture in getattr(item, "fixturenames", ()):
+                _LAST_USER[key] = item.nodeid
 
 
 def pytest_runtest_teardown(item, nextitem):
-    """Stop the servers as soon as the run leaves tests/e2e (they hold memory other tests need)."""
-    if nextitem is None or _E2E_DIR not in Path(str(nextitem.fspath)).parents:
-        for reg in _REGISTRY:
+    """Stop each server after the last test that uses it, and all of them when the run leaves
+    tests/e2e: they hold memory that other tests (and other servers) need."""
+    leaving = nextitem is None or _E2E_DIR not in Path(str(nextitem.fspath)).parents
+    for reg in _REGISTRY:
+        if leaving:
             reg.stop_all()
+            continue
+        for key, nodeid in _LAST_USER.items():
+            if nodeid == item.nodeid:
+                reg.stop(key)
 
 
 def _model_arg(request, fixture: str, alias: str) -> str:
