@@ -15,8 +15,8 @@ from ember.api.errors import APIError
 from ember.api.protocol import AbortRequest, GenerateRequest, NativeSamplingParams
 from ember.api.serving import (
     MAX_N, SSE_DONE, ClientDisconnected, RequestGroup, SSEResponse, SubResult, check_overload, collect,
-    engine_error, json_schema_text, merged_outputs, new_id, parse_body, parse_logit_bias, prefetch_first,
-    resolve_max_new_tokens, sse, sse_error, validate_sampling,
+    engine_error, json_schema_text, new_id, parse_body, parse_logit_bias,
+    resolve_max_new_tokens, sse, sse_error, start_stream, validate_sampling,
 )
 from ember.engine.engine_client import EngineRequestError
 from ember.engine.io_struct import GenerateReq
@@ -286,16 +286,9 @@ async def generate(request: Request):
         out = [result(k, r) for k, r in enumerate(results)]
         return out[0] if single else out
 
-    group = RequestGroup(state.groups, base_id, reqs)
-    group.__enter__()
-    gen = merged_outputs(state.engine, reqs)
     try:
-        first = await prefetch_first(gen, request)
-    except EngineRequestError as e:
-        group.__exit__(None, None, None)
-        raise engine_error(e) from e
+        on_close, gen, first = await start_stream(state, base_id, reqs, request)
     except ClientDisconnected:
-        group.__exit__(None, None, None)
         return JSONResponse({}, status_code=499)
 
     async def stream():
@@ -316,8 +309,7 @@ async def generate(request: Request):
         except EngineRequestError as e:
             yield sse_error(e.message, e.status)
         finally:
-            await gen.aclose()
-            group.__exit__(None, None, None)
+            on_close()
         yield SSE_DONE
 
-    return SSEResponse(stream())
+    return SSEResponse(stream(), on_close=on_close)

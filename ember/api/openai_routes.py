@@ -13,11 +13,11 @@ from ember.api.errors import APIError
 from ember.api.protocol import ChatCompletionRequest, CompletionRequest
 from ember.api.serving import (
     MAX_N, SSE_DONE, ClientDisconnected, RequestGroup, SSEResponse, SubResult, check_overload, collect,
-    engine_error, json_schema_text, merged_outputs, new_id, now, parse_body, parse_logit_bias, prefetch_first,
-    resolve_max_new_tokens, sse, sse_error, validate_sampling,
+    engine_error, json_schema_text, new_id, now, parse_body, parse_logit_bias, 
+    resolve_max_new_tokens, sse, sse_error, start_stream, validate_sampling,
 )
 from ember.engine.engine_client import EngineRequestError
-from ember.engine.io_struct import GenerateReq, TokenOut
+from ember.engine.io_struct import GenerateReq
 from ember.engine.sampling_params import SamplingParams
 from ember.frontend.output_processor import (
     DEFAULT_TOOL_PARSERS, ChoiceOutput, Delta, ForcedToolOutput, forced_tool_schema, make_output_parser,
@@ -274,16 +274,9 @@ async def completions(request: Request):
                 "choices": choices, "usage": _usage(results, prompt_lens, n), "metadata": METADATA}
 
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
-    group = RequestGroup(state.groups, base_id, reqs)
-    group.__enter__()
-    gen = merged_outputs(state.engine, reqs)
     try:
-        first = await prefetch_first(gen, request)
-    except EngineRequestError as e:
-        group.__exit__(None, None, None)
-        raise engine_error(e) from e
+        on_close, gen, first = await start_stream(state, base_id, reqs, request)
     except ClientDisconnected:
-        group.__exit__(None, None, None)
         return JSONResponse({}, status_code=499)
 
     async def stream():
@@ -322,11 +315,10 @@ async def completions(request: Request):
         except EngineRequestError as e:
             yield sse_error(e.message, e.status)
         finally:
-            await gen.aclose()
-            group.__exit__(None, None, None)
+            on_close()
         yield SSE_DONE
 
-    return SSEResponse(stream())
+    return SSEResponse(stream(), on_close=on_close)
 
 
 # ---------------------------------------------------------------------------- /v1/chat/completions
@@ -454,16 +446,9 @@ async def chat_completions(request: Request):
                 "metadata": METADATA}
 
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
-    group = RequestGroup(state.groups, base_id, reqs)
-    group.__enter__()
-    gen = merged_outputs(state.engine, reqs)
     try:
-        first = await prefetch_first(gen, request)
-    except EngineRequestError as e:
-        group.__exit__(None, None, None)
-        raise engine_error(e) from e
+        on_close, gen, first = await start_stream(state, base_id, reqs, request)
     except ClientDisconnected:
-        group.__exit__(None, None, None)
         return JSONResponse({}, status_code=499)
 
     def chunk(idx: int, delta: dict, finish=None, matched=None, logprobs=None) -> str:
@@ -532,8 +517,7 @@ async def chat_completions(request: Request):
         except EngineRequestError as e:
             yield sse_error(e.message, e.status)
         finally:
-            await gen.aclose()
-            group.__exit__(None, None, None)
+            on_close()
         yield SSE_DONE
 
-    return SSEResponse(stream())
+    return SSEResponse(stream(), on_close=on_close)

@@ -296,24 +296,57 @@ class SSEResponse(StreamingResponse):
     (so the engine request is aborted), whatever ASGI spec version the server speaks."""
     media_type = "text/event-stream"
 
-    def __init__(self, content, **kw):
+    def __init__(self, content, on_close=None, **kw):
         headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
         headers.update(kw.pop("headers", None) or {})
         super().__init__(content, headers=headers, **kw)
+        self.on_close = on_close
 
     async def __call__(self, scope, receive, send) -> None:
-        async with anyio.create_task_group() as tg:
-            async def stream():
-                try:
-                    await self.stream_response(send)
-                except OSError:
-                    pass
-                finally:
-                    tg.cancel_scope.cancel()
+        try:
+            async with anyio.create_task_group() as tg:
+                async def stream():
+                    try:
+                        await self.stream_response(send)
+                    except OSError:
+                        pass
+                    finally:
+                        tg.cancel_scope.cancel()
 
-            tg.start_soon(stream)
-            await self.listen_for_disconnect(receive)
-            tg.cancel_scope.cancel()
+                tg.start_soon(stream)
+                await self.listen_for_disconnect(receive)
+                tg.cancel_scope.cancel()
+        finally:
+            # also when the stream never started (client gone at once): abort and unregister
+            if self.on_close is not None:
+                self.on_close()
+
+
+async def start_stream(state, base_id: str, reqs: list[GenerateReq], request: Request):
+    """Register and send the requests of a streaming response and wait for the first output, so that
+    errors the engine finds still get a status code. Returns (group, outputs, first output).
+    Raises APIError or ClientDisconnected with everything cleaned up."""
+    group = RequestGroup(state.groups, base_id, reqs)
+    group.__enter__()
+    try:
+        gen = merged_outputs(state.engine, reqs)
+        try:
+            first = await prefetch_first(gen, request)
+        except BaseException:
+            gen.close()
+            raise
+    except EngineRequestError as e:
+        group.__exit__(None, None, None)
+        raise engine_error(e) from e
+    except BaseException:
+        group.__exit__(None, None, None)
+        raise
+
+    def on_close():
+        gen.close()
+        group.__exit__(None, None, None)
+
+    return on_close, gen, first
 
 
 async def prefetch_first(agen: AsyncIterator, request: Request):

@@ -15,7 +15,7 @@ import os
 import pickle
 import tempfile
 import uuid
-from typing import AsyncIterator, Callable
+from typing import Callable
 
 from ember.engine.engine_process import EngineFailed, EngineReady, EngineStats, ReqError, run_engine_process
 from ember.engine.io_struct import AbortReq, ControlOut, ControlReq, GenerateReq, TokenOut

@@ -19,7 +19,7 @@ import time
 import traceback
 from dataclasses import dataclass, field
 
-from ember.engine.io_struct import AbortReq, ControlOut, ControlReq, GenerateReq, TokenOut
+from ember.engine.io_struct import AbortReq, ControlOut, ControlReq, GenerateReq
 
 logger = logging.getLogger("ember.engine")
 
@@ -139,8 +139,8 @@ def run_engine_process(server_args, in_addr: str, out_addr: str, parent_pid: int
         ctx.term()
         os._exit(1)
 
-    send([ready])
     logger.info("engine ready: %s (context length %d)", ready.model_dir, ready.context_length)
+    send([ready])
     try:
         _loop(core, inp, send)
     finally:

@@ -8,7 +8,6 @@ import sys
 import time
 
 import psutil
-import pytest
 import requests
 
 from ember.utils import get_free_port, launch_server_cmd, terminate_process, wait_for_server
