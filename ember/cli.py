@@ -55,6 +55,7 @@ HELP: dict[str, str] = {
     "speculative_num_draft_tokens": "Speculative decoding: draft tokens per verify (not implemented yet).",
     "enable_multi_layer_eagle": "Multi-layer EAGLE / MTP drafting (not implemented yet).",
     "quantization": "Weight-only quantization for CPU decode: int8 or int4 (default: none, exact weights).",
+    "quantization": "Weight-only quantization for fast CPU decode: int8 or int4 (default: none).",
     "random_seed": "Random seed for sampling.",
     "num_threads": "Torch threads on CPU (default: all cores).",
 }
@@ -68,6 +69,11 @@ CHOICES: dict[str, list[str]] = {
 # Flags that are accepted (SGLang users pass them) but not implemented yet: starting with them fails.
 SPECULATIVE_FIELDS = ("speculative_algorithm", "speculative_draft_model_path", "speculative_num_steps",
                       "speculative_eagle_topk", "speculative_num_draft_tokens", "enable_multi_layer_eagle")
+
+
+# ServerArgs fields the engine does not use yet: giving one explicitly is an error, not silently ignored.
+# (Remove a name here when the engine implements it.)
+NOT_IMPLEMENTED_WHEN_GIVEN = ("max_prefill_tokens",)
 
 
 def _flag(name: str) -> str:
@@ -133,6 +139,9 @@ def check_server_args(args: ServerArgs, given: set[str] | None = None) -> list[s
             shown = "" if value is True else f" {value}"
             errors.append(f"{_flag(name)}{shown} is not implemented yet: speculative decoding is not "
                           f"supported (remove the speculative flags)")
+    for name in NOT_IMPLEMENTED_WHEN_GIVEN:
+        if name in given:
+            errors.append(f"{_flag(name)} is not implemented yet (remove it)")
     if args.max_queued_requests is not None and args.max_queued_requests < 0:
         errors.append(f"--max-queued-requests must be >= 0, got {args.max_queued_requests}")
     if args.max_running_requests is not None and args.max_running_requests < 1:
