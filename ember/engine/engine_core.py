@@ -199,8 +199,22 @@ class EngineCore:
             idx = torch.tensor(targets, device=lp.device).unsqueeze(1)
             req.prompt_logprobs += lp[:len(targets)].gather(1, idx).squeeze(1).tolist()
 
+    def _apply_thinking_budget(self, req: Req) -> None:
+        """Close the thinking block once its budget is spent (reasoning effort)."""
+        sp = req.sampling
+        if req.thinking_closed:
+            return
+        end_ids = self.tokenizer.encode(sp.think_end, add_special_tokens=False)
+        if sp.think_end in req.detok.text or req.output_ids[-len(end_ids):] == end_ids:
+            req.thinking_closed = True  # the model closed it itself
+        elif req.num_output >= sp.thinking_budget:
+            req.forced_ids = list(end_ids)
+            req.thinking_closed = True
+
     def _append_token(self, req: Req, tok: int, logprob) -> None:
         sp = req.sampling
+        if req.forced_ids:
+            tok, logprob = req.forced_ids.pop(0), None
         req.token_ids.append(tok)
         req.pending_ids.append(tok)
         if logprob is not None:
@@ -217,6 +231,8 @@ class EngineCore:
                 req.finished, req.finish_reason, req.matched_stop = True, "stop", matched
         if not req.finished and req.num_output >= sp.max_new_tokens:
             req.finished, req.finish_reason = True, "length"
+        if not req.finished and sp.thinking_budget is not None:
+            self._apply_thinking_budget(req)
         if req.finished and not isinstance(req.matched_stop, str):
             req.detok.flush()  # emit a trailing incomplete character rather than lose it
 

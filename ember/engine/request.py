@@ -31,6 +31,8 @@ class Req:
     prompt_logprobs: list | None = None
     grammar: object | None = None  # structured-output matcher, when the request has one
     error: str | None = None
+    forced_ids: list[int] = field(default_factory=list)  # tokens to emit next regardless of sampling
+    thinking_closed: bool = False
 
     def __post_init__(self):
         self.token_ids = list(self.prompt_ids)

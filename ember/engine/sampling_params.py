@@ -24,6 +24,10 @@ class SamplingParams:
     skip_special_tokens: bool = True
     # logprobs: number of top alternatives to return per output token (None = no logprobs)
     logprobs: int | None = None
+    # reasoning budget: after this many output tokens an unfinished thinking block is closed by forcing
+    # `think_end` (e.g. "</think>"), so an answer follows (reasoning effort; None = no budget)
+    thinking_budget: int | None = None
+    think_end: str = "</think>"
     # structured output (compiled by the engine's grammar backend)
     json_schema: str | None = None
     regex: str | None = None

@@ -183,3 +183,16 @@ def test_prompt_and_output_logprobs_match_transformers(smol, reference_for):
         assert top[0][0] == out_ids[k] and abs(chosen - top[0][1]) < 1e-6  # greedy: the chosen token is the top one
         assert abs(chosen - row[out_ids[k]].item()) < 1e-3
         assert len(top) == 5 and torch.logsumexp(torch.tensor([l for _, l in top]), 0) <= 1e-6
+
+
+def test_thinking_budget_closes_the_block_and_an_answer_follows(smol):
+    """Reasoning effort: once the budget is spent the engine writes `</think>` itself; generation goes on."""
+    chat = smol.tokenizer.apply_chat_template([{"role": "user", "content": "What is 2 + 2?"}],
+                                              add_generation_prompt=True, tokenize=False) + "<think>\n"
+    out = smol.generate(chat, {"temperature": 0, "max_new_tokens": 30, "ignore_eos": True,
+                               "thinking_budget": 6})
+    thinking, sep, answer = out["text"].partition("</think>")
+    assert sep, out["text"]
+    end_ids = smol.tokenizer.encode("</think>", add_special_tokens=False)
+    assert out["output_ids"][6:6 + len(end_ids)] == end_ids  # forced right after the 6-token budget
+    assert len(out["output_ids"]) == 30 and answer.strip()
