@@ -172,8 +172,17 @@ def build_parser() -> argparse.ArgumentParser:
                        help="Model to serve (same as --model-path; optional).")
     add_server_args(serve)
     serve.set_defaults(func=_cmd_serve)
-    # Later: sub.add_parser("bench", ...).set_defaults(func=_cmd_bench)
+    from ember.bench_serving import add_cli_args as add_bench_args
+    bench = sub.add_parser("bench", help="Benchmark an OpenAI-compatible server (ours or a peer).",
+                           description="Serving benchmark: throughput, TTFT and inter-token latency.")
+    add_bench_args(bench)
+    bench.set_defaults(func=_cmd_bench)
     return parser
+
+
+def _cmd_bench(ns: argparse.Namespace) -> int:
+    from ember.bench_serving import run_from_args
+    return run_from_args(ns)
 
 
 def parse_serve_args(argv: list[str], prog: str = "ember serve") -> tuple[ServerArgs, set[str]]:
