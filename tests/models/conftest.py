@@ -17,24 +17,17 @@ def tiny_dir(tmp_path_factory):
     return tmp_path_factory.mktemp("tiny")
 
 
-@pytest.fixture(scope="session")
-def tiny_qwen3_dir(tiny_dir):
-    return tiny_model("qwen3", tiny_dir / "qwen3")
+def _tiny_fixture(kind: str):
+    @pytest.fixture(scope="session")
+    def fixture(tiny_dir):
+        return tiny_model(kind, tiny_dir / kind)
+    return fixture
 
 
-@pytest.fixture(scope="session")
-def tiny_llama_dir(tiny_dir):
-    return tiny_model("llama", tiny_dir / "llama")
-
-
-@pytest.fixture(scope="session")
-def tiny_qwen2_dir(tiny_dir):
-    return tiny_model("qwen2", tiny_dir / "qwen2")
-
-
-@pytest.fixture(scope="session")
-def tiny_gemma3_dir(tiny_dir):
-    return tiny_model("gemma3", tiny_dir / "gemma3")
+tiny_qwen3_dir = _tiny_fixture("qwen3")
+tiny_llama_dir = _tiny_fixture("llama")
+tiny_qwen2_dir = _tiny_fixture("qwen2")
+tiny_gemma3_dir = _tiny_fixture("gemma3")
 
 
 # Small LRU caches: a model is loaded once while its tests run, without holding every model at once
