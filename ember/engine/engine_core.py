@@ -175,6 +175,8 @@ class EngineCore:
             logits = self.runner.forward(batch.reqs, batch.extend_lens)
         for req, n in zip(batch.reqs, batch.extend_lens):
             req.kv_len += n
+            if n > 1:  # a prefill chunk: share its pages with requests that arrive meanwhile
+                self.scheduler.cache_prefix(req)
         ready = [i for i, r in enumerate(batch.reqs) if r.extend_len == 0]  # prefill done: sample
         if ready:
             reqs = [batch.reqs[i] for i in ready]

@@ -57,12 +57,19 @@ class RadixCache:
             n.ref -= 1
             assert n.ref >= 0, "radix node unlocked more often than locked"
 
-    def insert(self, token_ids, pages: list[int], prefix_nodes: list[Node]) -> None:
-        """Give the tree the full pages of `token_ids` (whose KV is in `pages`); the first
-        len(prefix_nodes) pages already belong to the tree. Pages the tree already has, and a trailing
-        partial page, are freed. Unlocks prefix_nodes."""
+    def insert(self, token_ids, pages: list[int], prefix_nodes: list[Node], keep: bool = False) -> list[Node]:
+        """Give the tree the full pages of `token_ids` (whose KV is in `pages`); the first len(prefix_nodes)
+        pages already belong to the tree.
+
+        keep=False (the request is done): pages the tree already has and a trailing partial page are
+        freed, and prefix_nodes are unlocked.
+        keep=True (the request goes on, e.g. after its prefill): its full pages join the tree and stay
+        locked for it; where the tree already had a page for the same tokens, the request's page table
+        is pointed at the tree's page (same tokens at the same positions: same KV) and its copy is freed.
+        Returns the request's new locked chain."""
         num_full = len(token_ids) // self.page_size
         node = prefix_nodes[-1] if prefix_nodes else self.root
+        chain = list(prefix_nodes)
         to_free = []
         for i, key in enumerate(self._keys(token_ids, num_full)):
             if i < len(prefix_nodes):
@@ -72,13 +79,20 @@ class RadixCache:
                 child = Node(key, pages[i], node)
                 node.children[key] = child
                 self.num_pages += 1
-            else:
+            elif child.page != pages[i]:
                 to_free.append(pages[i])
+                if keep:
+                    pages[i] = child.page
             child.last_access = next(_clock)
+            if keep:
+                child.ref += 1
+            chain.append(child)
             node = child
-        to_free.extend(pages[max(num_full, len(prefix_nodes)):])
+        if not keep:
+            to_free.extend(pages[max(num_full, len(prefix_nodes)):])
+            self.unlock(prefix_nodes)
         self.allocator.free(to_free)
-        self.unlock(prefix_nodes)
+        return chain if keep else []
 
     def evict(self, num_pages: int) -> int:
         """Free up to num_pages pages from unlocked leaves, oldest first. Returns how many were freed."""

@@ -67,6 +67,13 @@ class Scheduler:
             req.prefix_nodes = []
         self.release(req)
 
+    def cache_prefix(self, req: Req) -> None:
+        """Share a running request's computed full pages through the prefix cache right away, so requests
+        arriving while it still runs (a common system prompt) reuse them."""
+        if self.radix is not None and req.kv_len >= (len(req.prefix_nodes) + 1) * self.page_size:
+            req.prefix_nodes = self.radix.insert(req.token_ids[:req.kv_len], req.page_tables["full"],
+                                                 req.prefix_nodes, keep=True)
+
     def release(self, req: Req) -> None:
         """Free every page the request owns and unlock the cached prefix it used."""
         shared = len(req.prefix_nodes)

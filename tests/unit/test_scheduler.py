@@ -30,6 +30,8 @@ def run_step(s):
     done = []
     for r, n in zip(b.reqs, b.extend_lens):
         r.kv_len += n
+        if n > 1:
+            s.cache_prefix(r)
         if r.extend_len == 0:
             r.token_ids.append(1000 + r.num_output)
             if r.num_output >= r.sampling.max_new_tokens:
@@ -160,3 +162,18 @@ def test_radix_eviction_is_lru_and_skips_locked():
     cache.unlock(locked)
     assert cache.evict(4) == 2
     assert alloc.num_free == alloc.total
+
+
+def test_running_request_shares_its_prefix_with_later_arrivals():
+    s, allocs = make(chunk=24)
+    first = req("a", 40, max_new=20)
+    s.add(first)
+    run_step(s)
+    run_step(s)  # first's prompt is prefilled (24 + 16 tokens) and cached while it decodes
+    second = req("b", 40, max_new=2)
+    s.add(second)
+    s.schedule()
+    assert second.cached_tokens == 36  # 9 full pages of the shared 40-token prompt (one token left to compute)
+    assert second.page_tables["full"][:9] == first.page_tables["full"][:9]
+    drain(s)
+    all_free(s, allocs)
