@@ -178,6 +178,11 @@ class EngineCore:
             if n > 1:  # a prefill chunk: share its pages with requests that arrive meanwhile
                 self.scheduler.cache_prefix(req)
         ready = [i for i, r in enumerate(batch.reqs) if r.extend_len == 0]  # prefill done: sample
+        for req in [batch.reqs[i] for i in ready if batch.reqs[i].sampling.max_new_tokens == 0]:
+            req.finished, req.finish_reason = True, "length"  # prompt only (e.g. echo + logprobs scoring)
+            self.scheduler.finish(req)
+            outs.append(self._report(req))
+        ready = [i for i in ready if not batch.reqs[i].finished]
         if ready:
             reqs = [batch.reqs[i] for i in ready]
             mask = self.grammar.bitmask([r.grammar for r in reqs]) if any(r.grammar for r in reqs) else None

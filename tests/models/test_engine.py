@@ -196,3 +196,9 @@ def test_thinking_budget_closes_the_block_and_an_answer_follows(smol):
     end_ids = smol.tokenizer.encode("</think>", add_special_tokens=False)
     assert out["output_ids"][6:6 + len(end_ids)] == end_ids  # forced right after the 6-token budget
     assert len(out["output_ids"]) == 30 and answer.strip()
+
+
+def test_zero_max_new_tokens_returns_the_prompt_only(smol):
+    out = smol.generate("Hello there", {"max_new_tokens": 0})
+    assert out["output_ids"] == [] and out["text"] == ""
+    assert out["meta_info"]["finish_reason"] == {"type": "length", "length": 0}
