@@ -462,6 +462,19 @@ def test_any_chunking_gives_the_one_shot_result(case: Case, data):
     assert summary(*run_stream(case, split(case.text, cuts))) == ref
 
 
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_200_random_splits_give_the_one_shot_result(case: Case):
+    """The acceptance bar: 200 random chunkings per example (seeded; hypothesis above explores more)."""
+    import random
+    import zlib
+    rng = random.Random(zlib.crc32(case.text.encode()))
+    ref = summary(*new_parser(case).parse_full(case.text))
+    n = len(case.text)
+    for _ in range(200):
+        cuts = [rng.randint(0, n) for _ in range(rng.randint(1, min(n, 24) or 1))]
+        assert summary(*run_stream(case, split(case.text, cuts))) == ref
+
+
 def test_kimi_ids_and_ids_unique():
     p = make_output_parser(None, "kimi_k2", TOOLS)
     _, _, calls = p.parse_full(KIMI_TWO)
