@@ -48,6 +48,7 @@ def launch_server_cmd(cmd: str, port: int | None = None, host: str | None = None
     port None: reuse the command's own `--port N`, or pick a free port and append `--port`.
     port given: it replaces any `--port N` in the command (or is appended).
     The server runs in its own session so `terminate_process` can kill its whole process tree.
+    `host` is accepted for compatibility with SGLang's signature (the command's --host applies).
     """
     m = _PORT_RE.search(cmd)
     if port is None:

@@ -108,3 +108,35 @@ def test_split_and_normalize():
     assert _normalize_base_url("https://:8000") == "http://127.0.0.1:8000"
     assert _normalize_base_url("http://0.0.0.0:8000/") == "http://127.0.0.1:8000"
     assert _normalize_base_url("http://localhost:30000") == "http://localhost:30000"
+
+
+def test_messages_for_the_template():
+    from ember.frontend.tokenizer_manager import PromptError, normalize_messages
+    msgs = normalize_messages([
+        {"role": "developer", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]},
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "c1", "type": "function", "function": {"name": "f", "arguments": '{"x": 1}'}}]},
+        {"role": "tool", "tool_call_id": "c1", "content": "ok", "name": None},
+    ])
+    assert msgs[0] == {"role": "system", "content": "a\nb"}
+    assert msgs[1]["content"] == "" and msgs[1]["tool_calls"][0]["function"]["arguments"] == {"x": 1}
+    assert "name" not in msgs[2]
+    with pytest.raises(PromptError, match="image_url"):
+        normalize_messages([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "u"}}]}])
+
+
+def test_forced_tool_output():
+    from ember.frontend.output_processor import ForcedToolOutput, forced_tool_schema
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
+    assert forced_tool_schema(tools, "f") == {"type": "object"}
+    assert forced_tool_schema(tools, None)["minItems"] == 1
+    o = ForcedToolOutput(None)
+    o.feed('[{"name": "f", "parameters": {"a": 1}}]')
+    d = o.finish()
+    assert [c.name for c in d.tool_calls] == ["f"] and o.tool_calls[0]["arguments"] == '{"a": 1}'
+    o = ForcedToolOutput("f")
+    first = o.feed('{"a"')
+    o.feed(": 1}")
+    o.finish()
+    assert first.tool_calls[0].name == "f" and first.tool_calls[0].id
+    assert o.tool_calls[0]["arguments"] == '{"a": 1}'
