@@ -1,5 +1,6 @@
 """SGLang's native routes: /generate, /health, /health_generate, /get_model_info, /get_server_info,
-/flush_cache, /abort_request, and /metrics (Prometheus text)."""
+/flush_cache, /abort_request, /metrics (Prometheus text), and the parser helpers /separate_reasoning and
+/parse_function_call."""
 from __future__ import annotations
 
 import asyncio
@@ -12,7 +13,9 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
 import ember
 from ember.api.errors import APIError
-from ember.api.protocol import AbortRequest, GenerateRequest, NativeSamplingParams
+from ember.api.protocol import (
+    AbortRequest, GenerateRequest, NativeSamplingParams, ParseFunctionCallRequest, SeparateReasoningRequest,
+)
 from ember.api.serving import (
     MAX_N, SSE_DONE, ClientDisconnected, RequestGroup, SSEResponse, SubResult, check_overload, collect,
     engine_error, json_schema_text, new_id, parse_body, parse_logit_bias,
@@ -313,3 +316,44 @@ async def generate(request: Request):
         yield SSE_DONE
 
     return SSEResponse(stream(), on_close=on_close)
+
+
+# ---------------------------------------------------------------------------- parser helpers
+@router.post("/separate_reasoning")
+async def separate_reasoning(request: Request):
+    """{text, reasoning_parser?, force_reasoning?} -> {text, reasoning_text}: the split the chat route
+    makes for a finished output (reasoning_parser defaults to the server's --reasoning-parser)."""
+    from ember.parsers import get_reasoning_parser
+    state = _state(request)
+    body, _ = await parse_body(request, SeparateReasoningRequest)
+    name = body.reasoning_parser or state.args.reasoning_parser
+    if not name:
+        raise APIError("reasoning_parser is required (the server has no --reasoning-parser)", 400,
+                       "reasoning_parser")
+    try:
+        parser = get_reasoning_parser(name, force_reasoning=body.force_reasoning)
+    except ValueError as e:
+        raise APIError(str(e), 400, "reasoning_parser") from e
+    reasoning, text = parser.parse_full(body.text)
+    return {"text": text, "reasoning_text": reasoning}
+
+
+@router.post("/parse_function_call")
+async def parse_function_call(request: Request):
+    """{text, tools, tool_call_parser?} -> {normal_text, calls: [{tool_index, name, parameters}]}, as the
+    chat route parses a finished output (tool_index: the call's position; parameters: JSON text)."""
+    from ember.frontend.output_processor import DEFAULT_TOOL_PARSERS
+    from ember.parsers import get_tool_call_parser
+    state = _state(request)
+    body, raw = await parse_body(request, ParseFunctionCallRequest)
+    name = body.tool_call_parser or state.args.tool_call_parser or DEFAULT_TOOL_PARSERS.get(state.model_type or "")
+    if not name:
+        raise APIError("tool_call_parser is required (the server has no --tool-call-parser)", 400,
+                       "tool_call_parser")
+    try:
+        parser = get_tool_call_parser(name, raw.get("tools") or [])
+    except ValueError as e:
+        raise APIError(str(e), 400, "tool_call_parser") from e
+    normal_text, calls = parser.parse_full(body.text)
+    return {"normal_text": normal_text,
+            "calls": [{"tool_index": i, "name": c.name, "parameters": c.arguments} for i, c in enumerate(calls)]}

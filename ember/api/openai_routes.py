@@ -11,6 +11,7 @@ from fastapi.responses import JSONResponse
 
 from ember.api.errors import APIError
 from ember.api.protocol import ChatCompletionRequest, CompletionRequest
+from ember.api.reasoning import parse_reasoning_request, plan_reasoning, template_switches, thinking_budget
 from ember.api.serving import (
     MAX_N, SSE_DONE, ClientDisconnected, RequestGroup, SSEResponse, SubResult, check_overload, collect,
     engine_error, json_schema_text, new_id, now, parse_body, parse_logit_bias, 
@@ -349,15 +350,15 @@ async def chat_completions(request: Request):
         if not req.tools:
             raise APIError("tool_choice requires tools", 400, "tool_choice")
 
-    template_kwargs = dict(req.chat_template_kwargs or {})
-    if req.reasoning_effort is not None:
-        template_kwargs.setdefault("reasoning_effort", req.reasoning_effort)
+    rr = parse_reasoning_request(req)
+    template_kwargs = template_switches(rr, req.chat_template_kwargs or {})
     messages = raw.get("messages")
     try:
         prompt_text = tm.render_chat(messages, tools=tools, add_generation_prompt=req.add_generation_prompt,
                                      continue_final_message=req.continue_final_message,
                                      template_kwargs=template_kwargs)
-        prompt_ids = tm.encode_chat(prompt_text)
+        plan = plan_reasoning(rr, args.reasoning_parser, prompt_text, template_kwargs)
+        prompt_ids = tm.encode_chat(prompt_text + plan.prompt_suffix)
     except PromptError as e:
         raise APIError(str(e), 400, e.param or "messages") from e
     if not prompt_ids:
@@ -387,14 +388,18 @@ async def chat_completions(request: Request):
         except ValueError as e:
             raise APIError(str(e), 400, "tool_choice") from e
 
+    # reasoning effort: the engine closes the thinking block when its budget is spent
+    if not (forced or sp.json_schema or sp.regex or sp.ebnf):
+        budget = thinking_budget(rr, plan, max_new)
+        if budget is not None:
+            sp.thinking_budget, sp.think_end = budget, plan.think_end
+
     # output parsers
-    reasoning_parser = args.reasoning_parser if req.separate_reasoning and not forced else None
+    reasoning_parser = args.reasoning_parser if req.separate_reasoning and not forced and plan.use_parser else None
     tool_parser = None
     if tools:
         tool_parser = args.tool_call_parser or DEFAULT_TOOL_PARSERS.get(state.model_type or "")
-    force_reasoning = None
-    if reasoning_parser and template_kwargs.get("enable_thinking") is False:
-        force_reasoning = False
+    force_reasoning = plan.force_reasoning
 
     def new_output():
         if forced:
@@ -430,6 +435,7 @@ async def chat_completions(request: Request):
             if tool_calls and finish == "stop":
                 finish, matched = "tool_calls", None
             reasoning_tokens += tm.count_tokens(o.reasoning)
+            reasoning = None if rr.exclude else (o.reasoning or None)
             content = o.content
             if tool_calls and not content.strip():
                 content = None
@@ -438,8 +444,8 @@ async def chat_completions(request: Request):
                 lp = {"content": _chat_logprob_entries(state, r.token_ids, r.logprobs, top_n or 0)}
             choices.append({
                 "index": idx,
-                "message": {"role": "assistant", "content": content, "reasoning_content": o.reasoning or None,
-                            "tool_calls": tool_calls},
+                "message": {"role": "assistant", "content": content, "reasoning_content": reasoning,
+                            "reasoning": reasoning, "tool_calls": tool_calls},
                 "logprobs": lp, "finish_reason": finish, "matched_stop": matched})
         return {"id": base_id, "object": "chat.completion", "created": created, "model": model,
                 "choices": choices, "usage": _usage(results, [len(prompt_ids)], n, reasoning_tokens),
@@ -461,8 +467,8 @@ async def chat_completions(request: Request):
         out = {}
         if d.content:
             out["content"] = d.content
-        if d.reasoning:
-            out["reasoning_content"] = d.reasoning
+        if d.reasoning and not rr.exclude:
+            out["reasoning_content"] = out["reasoning"] = d.reasoning
         if d.tool_calls:
             calls = []
             for c in d.tool_calls:
@@ -481,6 +487,7 @@ async def chat_completions(request: Request):
     async def stream():
         results = [SubResult() for _ in reqs]
         seen_calls = [set() for _ in reqs]
+        held = [""] * len(reqs)  # reasoning held back (stream_reasoning=false)
         try:
             for idx in range(n):
                 yield chunk(idx, {"role": "assistant", "content": ""})
@@ -497,6 +504,11 @@ async def chat_completions(request: Request):
                 if out.finished:
                     tail = o.finish()
                     d = Delta(d.content + tail.content, d.reasoning + tail.reasoning, d.tool_calls + tail.tool_calls)
+                if not req.stream_reasoning:  # the reasoning in one piece, once it is complete
+                    held[idx] += d.reasoning
+                    d.reasoning = ""
+                    if held[idx] and (d.content or d.tool_calls or out.finished):
+                        d.reasoning, held[idx] = held[idx], ""
                 dd = delta_dict(d, idx, seen_calls[idx])
                 if dd or lp:
                     yield chunk(idx, dd, logprobs=lp)

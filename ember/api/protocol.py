@@ -105,6 +105,19 @@ class NamedToolChoice(_Lenient):
     function: NamedToolChoiceFunction
 
 
+class ReasoningOptions(_Lenient):
+    """`reasoning` (OpenRouter / seed 002): effort level, or an explicit thinking budget in tokens."""
+    effort: str | None = None
+    max_tokens: int | None = None
+    enabled: bool | None = None
+    exclude: bool | None = None
+
+
+class OutputConfig(_Lenient):
+    """Anthropic-style `output_config` (only `effort` is read)."""
+    effort: str | None = None
+
+
 class ChatCompletionRequest(_SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = None
@@ -116,6 +129,8 @@ class ChatCompletionRequest(_SamplingFields):
     parallel_tool_calls: bool | None = True
     chat_template_kwargs: dict[str, Any] | None = None
     reasoning_effort: str | None = None
+    reasoning: ReasoningOptions | None = None
+    output_config: OutputConfig | None = None
     separate_reasoning: bool = True
     stream_reasoning: bool = True
     continue_final_message: bool = False
@@ -157,6 +172,20 @@ class GenerateRequest(_Lenient):
     top_logprobs_num: int | list[int] = 0
     return_text_in_logprobs: bool = False
     rid: str | list[str] | None = None
+
+
+class SeparateReasoningRequest(_Lenient):
+    """POST /separate_reasoning (SGLang): split a finished output into reasoning and text."""
+    text: str
+    reasoning_parser: str | None = None  # default: the server's --reasoning-parser
+    force_reasoning: bool | None = None  # default: what the chat route assumes without chat_template_kwargs
+
+
+class ParseFunctionCallRequest(_Lenient):
+    """POST /parse_function_call (SGLang): find the tool calls in a finished output."""
+    text: str
+    tool_call_parser: str | None = None  # default: the server's --tool-call-parser (or the model's)
+    tools: list[Tool] = Field(default_factory=list)
 
 
 class AbortRequest(_Lenient):

@@ -151,7 +151,7 @@ def e2e_servers(tmp_path_factory):
 _E2E_DIR = Path(__file__).parent
 # server fixture -> registry key
 SERVER_FIXTURES = {"smollm2_server": "smollm2", "smollm2_special_server": "smollm2-special",
-                   "qwen_server": "qwen"}
+                   "smollm2_think_server": "smollm2-think", "qwen_server": "qwen"}
 _LAST_USER: dict[str, str] = {}  # registry key -> nodeid of the last test that uses it
 
 
@@ -211,7 +211,22 @@ def smollm2_special_server(e2e_servers, smollm2_model, tmp_path_factory) -> Serv
     return server
 
 
+# ChatML whose assistant turn opens a thinking block, like Step-3.5's template (no switch to turn it off)
+THINK_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                  "{% if add_generation_prompt %}<|im_start|>assistant\n<think>\n{% endif %}")
+
+
+@pytest.fixture(scope="session")
+def smollm2_think_server(e2e_servers, smollm2_model, tmp_path_factory) -> Server:
+    """SmolLM2 as a thinking model: the template opens `<think>` and --reasoning-parser qwen3-thinking."""
+    template = tmp_path_factory.mktemp("think-template") / "think.jinja"
+    template.write_text(THINK_TEMPLATE)
+    return e2e_servers.get("smollm2-think", ["--model-path", smollm2_model, "--reasoning-parser", "qwen3-thinking",
+                                             "--chat-template", str(template)])
+
+
 @pytest.fixture(scope="session")
 def qwen_server(e2e_servers) -> Server:
-    """The bundled default model (Qwen2.5-Coder-0.5B-Instruct): no --model-path, as a user starts it."""
-    return e2e_servers.get("qwen", [])
+    """The bundled default model (Qwen2.5-Coder-0.5B-Instruct): no --model-path, as a user starts it, with
+    the seed deployments' --tool-call-parser (qwen25, the parser the model type gets by default too)."""
+    return e2e_servers.get("qwen", ["--tool-call-parser", "qwen25"])
