@@ -131,9 +131,11 @@ class ModelRunner:
             if window:
                 mask &= (q_pos.unsqueeze(2) - k_pos.unsqueeze(1)) < window
             mask[:, :, 0] |= ~q_valid  # padding query rows attend to something (ignored later)
+            if max_q == 1 and bool(k_valid.all()):
+                mask = None  # decode without padding: every gathered key is visible, skip the mask
             attn[g] = AttentionMetadata(
                 write_slots=write_slots.to(self.device), kv_slots=kv_slots.to(self.device),
-                mask=mask.unsqueeze(1).to(self.device), q_pad_index=q_pad_index.to(self.device),
+                mask=None if mask is None else mask.unsqueeze(1).to(self.device), q_pad_index=q_pad_index.to(self.device),
                 batch_size=B, max_q=max_q)
         logit_index = torch.cumsum(q_len, 0) - 1
         return ForwardBatch(input_ids.to(self.device), positions.to(self.device), attn, self.kv_cache,

@@ -20,7 +20,7 @@ class AttentionMetadata:
     """Index tensors for one KV-cache group (full or sliding-window layers), shared by its layers."""
     write_slots: torch.Tensor  # [T] slot of each new token
     kv_slots: torch.Tensor  # [B, max_k] slots of the keys each request attends to (padding -> slot 0)
-    mask: torch.Tensor  # [B, 1, max_q, max_k] bool, True = attend
+    mask: torch.Tensor | None  # [B, 1, max_q, max_k] bool, True = attend; None: attend to every key
     q_pad_index: torch.Tensor  # [T] position of each new token in the flattened [B * max_q] layout
     batch_size: int
     max_q: int
