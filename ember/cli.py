@@ -35,7 +35,7 @@ HELP: dict[str, str] = {
     "max_running_requests": "Maximum number of requests decoding at once.",
     "max_queued_requests": "Maximum number of waiting requests; beyond it requests get 503 (default: no limit).",
     "chunked_prefill_size": "Maximum prompt tokens prefilled in one step (long prompts are chunked).",
-    "max_prefill_tokens": "Maximum prompt tokens of one prefill batch.",
+    "max_prefill_tokens": "Maximum prompt tokens prefilled in one step over all requests (caps --chunked-prefill-size).",
     "disable_radix_cache": "Disable prefix caching.",
     "tp_size": "Tensor parallel size (only 1 is implemented today).",
     "ep_size": "Expert parallel size (only 1 is implemented today).",
@@ -73,7 +73,7 @@ SPECULATIVE_FIELDS = ("speculative_algorithm", "speculative_draft_model_path", "
 
 # ServerArgs fields the engine does not use yet: giving one explicitly is an error, not silently ignored.
 # (Remove a name here when the engine implements it.)
-NOT_IMPLEMENTED_WHEN_GIVEN = ("max_prefill_tokens",)
+NOT_IMPLEMENTED_WHEN_GIVEN: tuple[str, ...] = ()
 
 
 def _flag(name: str) -> str:

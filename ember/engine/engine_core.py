@@ -63,7 +63,8 @@ class EngineCore:
                 radix = RadixCache(kv.allocators["full"], kv.page_size)
         self.radix = radix
         self.scheduler = Scheduler(kv.allocators, kv.page_size, window=self.runner.window, radix=radix,
-                                   max_running=args.max_running_requests, chunk_size=args.chunked_prefill_size)
+                                   max_running=args.max_running_requests,
+                                   chunk_size=min(args.chunked_prefill_size, args.max_prefill_tokens))
         self.sampler = Sampler(self.vocab_size, self.eos_token_ids, self.runner.device)
         self.grammar = GrammarBackend(self.tokenizer, self.vocab_size, self.eos_token_ids)
         self._compiling: list[tuple[Req, object]] = []  # requests waiting for their grammar
