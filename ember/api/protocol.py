@@ -133,6 +133,8 @@ class ChatCompletionRequest(_SamplingFields):
     output_config: OutputConfig | None = None
     separate_reasoning: bool = True
     stream_reasoning: bool = True
+    # seed 002: accepted and validated; a hint to the model's own style, nothing for the engine to do
+    verbosity: Literal["low", "medium", "high"] | None = None
     continue_final_message: bool = False
     add_generation_prompt: bool = True
 
