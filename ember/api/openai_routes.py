@@ -384,7 +384,7 @@ async def chat_completions(request: Request):
             raise APIError("response_format cannot be combined with tool_choice required or a named tool", 400,
                            "response_format")
         try:
-            sp.json_schema = json.dumps(forced_tool_schema(tools, named))
+            sp.json_schema = json.dumps(forced_tool_schema(tools, named, req.parallel_tool_calls is not False))
         except ValueError as e:
             raise APIError(str(e), 400, "tool_choice") from e
 

@@ -82,9 +82,10 @@ class ChoiceOutput:
         return d
 
 
-def forced_tool_schema(tools: list[dict], named: str | None) -> dict:
+def forced_tool_schema(tools: list[dict], named: str | None, parallel: bool = True) -> dict:
     """JSON schema that constrains the output when tool_choice is "required" (a JSON array of
-    {"name", "parameters"} objects) or names one function (that function's arguments object)."""
+    {"name", "parameters"} objects, one at most without parallel tool calls) or names one function
+    (that function's arguments object)."""
     def params(t):
         p = (t.get("function") or {}).get("parameters")
         return p if isinstance(p, dict) and p else {"type": "object"}
@@ -94,7 +95,7 @@ def forced_tool_schema(tools: list[dict], named: str | None) -> dict:
             if (t.get("function") or {}).get("name") == named:
                 return params(t)
         raise ValueError(f"tool_choice names {named!r}, which is not in tools")
-    return {
+    schema = {
         "type": "array",
         "minItems": 1,
         "items": {"anyOf": [{
@@ -103,6 +104,9 @@ def forced_tool_schema(tools: list[dict], named: str | None) -> dict:
             "required": ["name", "parameters"],
         } for t in tools if t.get("function", {}).get("name")]},
     }
+    if not parallel:
+        schema["maxItems"] = 1
+    return schema
 
 
 class ForcedToolOutput:

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 TOOLS = [{
     "type": "function",
     "function": {
@@ -80,3 +82,135 @@ def test_tool_result_round_trip(qwen_server):
     ]
     r = client.chat.completions.create(model="m", messages=messages, tools=TOOLS, max_tokens=16, temperature=0)
     assert r.choices[0].message.content
+
+
+# ------------------------------------------------------------------------------ forced calls, 20 prompts
+TOOLS4 = [
+    {"type": "function", "function": {
+        "name": "get_weather", "description": "Current weather in a city",
+        "parameters": {"type": "object", "properties": {
+            "location": {"type": "string", "description": "City, e.g. 'Paris'"},
+            "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]}},
+            "required": ["location", "unit"]}}},
+    {"type": "function", "function": {
+        "name": "search_web", "description": "Search the web",
+        "parameters": {"type": "object", "properties": {
+            "query": {"type": "string"},
+            "max_results": {"type": "integer", "minimum": 1, "maximum": 10}},
+            "required": ["query"]}}},
+    {"type": "function", "function": {
+        "name": "read_file", "description": "Read a text file",
+        "parameters": {"type": "object", "properties": {
+            "path": {"type": "string"}, "max_lines": {"type": "integer", "minimum": 1}},
+            "required": ["path"]}}},
+    {"type": "function", "function": {
+        "name": "send_email", "description": "Send an email",
+        "parameters": {"type": "object", "properties": {
+            "to": {"type": "array", "items": {"type": "string"}, "minItems": 1},
+            "subject": {"type": "string"}, "urgent": {"type": "boolean"}},
+            "required": ["to", "subject"]}}},
+]
+SCHEMAS = {t["function"]["name"]: t["function"]["parameters"] for t in TOOLS4}
+# (prompt, the tool it asks for)
+PROMPTS = [
+    ("What's the weather in Paris in celsius?", "get_weather"),
+    ("Is it raining in Tokyo right now?", "get_weather"),
+    ("How hot is it in Phoenix, AZ? Fahrenheit please.", "get_weather"),
+    ("Tell me the temperature in Berlin.", "get_weather"),
+    ("Do I need an umbrella in London today?", "get_weather"),
+    ("Search the web for the latest Python release.", "search_web"),
+    ("Find news about the Mars rover, 3 results.", "search_web"),
+    ("Look up who won the 2018 World Cup.", "search_web"),
+    ("Search for vegan lasagna recipes.", "search_web"),
+    ("What are the best hiking trails near Denver? Search online.", "search_web"),
+    ("Open config.yaml and show me its contents.", "read_file"),
+    ("Read the first 20 lines of /var/log/syslog.", "read_file"),
+    ("What does README.md say?", "read_file"),
+    ("Show me src/main.py.", "read_file"),
+    ("Print the file notes.txt.", "read_file"),
+    ("Email alice@example.com that the meeting moved to 3pm.", "send_email"),
+    ("Send an urgent email to bob@example.com and carol@example.com about the outage.", "send_email"),
+    ("Tell dave@example.com by email: project approved.", "send_email"),
+    ("Write an email to team@example.com with the subject 'Lunch'.", "send_email"),
+    ("Notify ops@example.com by email that the backup finished.", "send_email"),
+]
+
+
+def _run_all(server, make_kwargs, warm_by=lambda p, t: None) -> list:
+    """One chat request per prompt, all at once (the engine batches them) -- after one request per
+    distinct warm_by key, so the others find the long tools prompt in the prefix cache."""
+    import asyncio
+
+    async def run():
+        client = server.async_openai()
+        out = [None] * len(PROMPTS)
+
+        async def one(i):
+            p, t = PROMPTS[i]
+            out[i] = await client.chat.completions.create(model="m", temperature=0, **make_kwargs(p, t))
+        first = {}
+        for i, (p, t) in enumerate(PROMPTS):
+            first.setdefault(warm_by(p, t), i)
+        await asyncio.gather(*[one(i) for i in first.values()])
+        await asyncio.gather(*[one(i) for i in range(len(PROMPTS)) if i not in first.values()])
+        return out
+    return asyncio.run(run())
+
+
+def _check_calls(r, names) -> list:
+    import jsonschema
+    c = r.choices[0]
+    assert c.finish_reason == "tool_calls", c
+    assert c.message.tool_calls, c
+    for call in c.message.tool_calls:
+        assert call.function.name in names and call.id and call.type == "function"
+        jsonschema.validate(json.loads(call.function.arguments), SCHEMAS[call.function.name])
+    return [call.function.name for call in c.message.tool_calls]
+
+
+def test_tool_choice_required_always_gives_a_valid_call(qwen_server):
+    rs = _run_all(qwen_server, lambda p, t: dict(messages=[{"role": "user", "content": p}], tools=TOOLS4,
+                                                 tool_choice="required", max_tokens=96))
+    chosen = [_check_calls(r, set(SCHEMAS)) for r in rs]
+    right = sum(names[0] == t for names, (_, t) in zip(chosen, PROMPTS))
+    print(f"required: the intended tool first in {right}/{len(PROMPTS)}")
+
+
+def test_named_tool_choice_always_gives_a_valid_call_to_that_tool(qwen_server):
+    rs = _run_all(qwen_server, lambda p, t: dict(
+        messages=[{"role": "user", "content": p}], tools=TOOLS4, max_tokens=96,
+        tool_choice={"type": "function", "function": {"name": t}}), warm_by=lambda p, t: t)
+    for r, (_, t) in zip(rs, PROMPTS):
+        assert _check_calls(r, {t}) == [t]
+
+
+def test_tool_choice_none_gives_no_calls(qwen_server):
+    rs = _run_all(qwen_server, lambda p, t: dict(messages=[{"role": "user", "content": p}], tools=TOOLS4,
+                                                 tool_choice="none", max_tokens=8))
+    for r in rs:
+        assert r.choices[0].message.tool_calls is None and r.choices[0].finish_reason != "tool_calls"
+        assert r.choices[0].message.content
+
+
+# ------------------------------------------------------------------------------ the SDK's stream helpers
+STRICT_TOOLS = [{"type": "function", "function": dict(t["function"], strict=True)} for t in TOOLS[:1]] + [
+    {"type": "function", "function": dict(TOOLS4[1]["function"], strict=True)}]
+
+
+@pytest.mark.parametrize("tool_choice", ["auto", "required", {"type": "function", "function": {"name": "search_web"}}])
+def test_sdk_stream_helper_rebuilds_the_same_tool_calls(qwen_server, tool_choice):
+    """client.chat.completions.stream() accumulates the deltas into a completion: the same calls (name and
+    arguments) as the non-streamed response to the same request."""
+    client = qwen_server.openai()
+    kw = dict(model="m", messages=ASK, tools=STRICT_TOOLS, tool_choice=tool_choice, max_tokens=64, temperature=0)
+    plain = client.chat.completions.create(**kw).choices[0]
+    with client.chat.completions.stream(**kw) as stream:
+        done = [e for e in stream if e.type == "tool_calls.function.arguments.done"]
+        final = stream.get_final_completion().choices[0]
+    expected = [(c.function.name, c.function.arguments) for c in plain.message.tool_calls]
+    assert expected and [(c.function.name, c.function.arguments) for c in final.message.tool_calls] == expected
+    assert [(e.name, e.arguments) for e in done] == expected
+    assert [c.function.parsed_arguments for c in final.message.tool_calls] == [json.loads(a) for _, a in expected]
+    assert final.finish_reason == plain.finish_reason == "tool_calls"
+    if tool_choice == "auto":
+        assert expected[0][0] == "get_weather"
