@@ -128,7 +128,8 @@ def test_forced_tool_output():
     from ember.frontend.output_processor import ForcedToolOutput, forced_tool_schema
     tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
     assert forced_tool_schema(tools, "f") == {"type": "object"}
-    assert forced_tool_schema(tools, None)["minItems"] == 1
+    assert forced_tool_schema(tools, None)["minItems"] == 1 and "maxItems" not in forced_tool_schema(tools, None)
+    assert forced_tool_schema(tools, None, parallel=False)["maxItems"] == 1  # parallel_tool_calls=false
     o = ForcedToolOutput(None)
     o.feed('[{"name": "f", "parameters": {"a": 1}}]')
     d = o.finish()
