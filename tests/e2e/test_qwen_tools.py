@@ -81,7 +81,8 @@ def test_tool_result_round_trip(qwen_server):
         {"role": "tool", "tool_call_id": "call_1", "content": "18 degrees, sunny"},
     ]
     r = client.chat.completions.create(model="m", messages=messages, tools=TOOLS, max_tokens=16, temperature=0)
-    assert r.choices[0].message.content
+    assert r.choices[0].message.content and not r.choices[0].message.tool_calls
+    assert r.choices[0].finish_reason in ("stop", "length")
 
 
 # ------------------------------------------------------------------------------ forced calls, 20 prompts

@@ -269,5 +269,6 @@ def test_seed000_tool_calling(qwen_server):
     print(f"Arguments: {tool_call.arguments}")
     print(f"Result: {get_weather(**json.loads(tool_call.arguments))}")
     assert tool_call.name == "get_weather"
+    assert set(json.loads(tool_call.arguments)) == {"location", "unit"}
     assert response.choices[0].message.tool_calls[0].id
     assert response.choices[0].message.tool_calls[0].type == "function"

@@ -25,6 +25,8 @@ ROUTES = [
     ("GET", "/metrics", None),
     ("POST", "/flush_cache", None),
     ("POST", "/abort_request", {"rid": "none"}),
+    ("POST", "/separate_reasoning", {"text": "a</think>b"}),
+    ("POST", "/parse_function_call", {"text": "x", "tool_call_parser": "qwen25", "tools": []}),
 ]
 
 
