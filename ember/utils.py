@@ -107,6 +107,9 @@ def wait_for_server(base_url: str, timeout: float | None = None, process: subpro
                             "In this notebook, we run the server and notebook code together, "
                             "so their outputs are combined.")
                         return
+            except urllib.error.HTTPError as e:
+                if e.code == 503:  # up but still loading the model: not ready, whatever /v1/models says
+                    break
             except (urllib.error.URLError, ConnectionError, OSError, ValueError):
                 pass
         if timeout is not None and time.monotonic() - start > timeout:
