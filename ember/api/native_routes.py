@@ -17,9 +17,9 @@ from ember.api.protocol import (
     AbortRequest, GenerateRequest, NativeSamplingParams, ParseFunctionCallRequest, SeparateReasoningRequest,
 )
 from ember.api.serving import (
-    MAX_N, SSE_DONE, ClientDisconnected, RequestGroup, SSEResponse, SubResult, check_overload, collect,
-    engine_error, json_schema_text, new_id, parse_body, parse_logit_bias,
-    resolve_max_new_tokens, sse, sse_error, start_stream, validate_sampling,
+    MAX_N, SSE_DONE, ClientDisconnected, SSEResponse, SubResult, check_overload, collect,
+    json_schema_text, new_id, parse_body, parse_logit_bias,
+    resolve_max_new_tokens, run_to_completion, sse, sse_error, start_stream, validate_sampling,
 )
 from ember.engine.engine_client import EngineRequestError
 from ember.engine.io_struct import GenerateReq
@@ -279,13 +279,9 @@ async def generate(request: Request):
         return {"text": r.text, "output_ids": list(r.token_ids), "meta_info": meta(k, r, finished)}
 
     if not body.stream:
-        with RequestGroup(state.groups, base_id, reqs):
-            try:
-                results = await collect(state.engine, reqs, request)
-            except EngineRequestError as e:
-                raise engine_error(e) from e
-            except ClientDisconnected:
-                return JSONResponse({}, status_code=499)
+        results = await run_to_completion(state, base_id, reqs, request)
+        if results is None:
+            return JSONResponse({}, status_code=499)  # the client went away
         out = [result(k, r) for k, r in enumerate(results)]
         return out[0] if single else out
 

@@ -13,9 +13,9 @@ from ember.api.errors import APIError
 from ember.api.protocol import ChatCompletionRequest, CompletionRequest
 from ember.api.reasoning import parse_reasoning_request, plan_reasoning, template_switches, thinking_budget
 from ember.api.serving import (
-    MAX_N, SSE_DONE, ClientDisconnected, RequestGroup, SSEResponse, SubResult, check_overload, collect,
-    engine_error, json_schema_text, new_id, now, parse_body, parse_logit_bias, 
-    resolve_max_new_tokens, sse, sse_error, start_stream, validate_sampling,
+    MAX_N, SSE_DONE, ClientDisconnected, SSEResponse, SubResult, check_overload,
+    json_schema_text, new_id, now, parse_body, parse_logit_bias, 
+    resolve_max_new_tokens, run_to_completion, sse, sse_error, start_stream, validate_sampling,
 )
 from ember.engine.engine_client import EngineRequestError
 from ember.engine.io_struct import GenerateReq
@@ -251,13 +251,9 @@ async def completions(request: Request):
         return t if t is not None else tm.decode(prompts[p_idx], skip_special_tokens=False)
 
     if not req.stream:
-        with RequestGroup(state.groups, base_id, reqs):
-            try:
-                results = await collect(state.engine, reqs, request)
-            except EngineRequestError as e:
-                raise engine_error(e) from e
-            except ClientDisconnected:
-                return JSONResponse({}, status_code=499)
+        results = await run_to_completion(state, base_id, reqs, request)
+        if results is None:
+            return JSONResponse({}, status_code=499)  # the client went away
         choices = []
         for idx, r in enumerate(results):
             p_idx = idx // n
@@ -417,13 +413,9 @@ async def chat_completions(request: Request):
     created = now()
 
     if not req.stream:
-        with RequestGroup(state.groups, base_id, reqs):
-            try:
-                results = await collect(state.engine, reqs, request)
-            except EngineRequestError as e:
-                raise engine_error(e) from e
-            except ClientDisconnected:
-                return JSONResponse({}, status_code=499)
+        results = await run_to_completion(state, base_id, reqs, request)
+        if results is None:
+            return JSONResponse({}, status_code=499)  # the client went away
         choices = []
         reasoning_tokens = 0
         for idx, (r, o) in enumerate(zip(results, outputs)):

@@ -279,6 +279,19 @@ def engine_error(e: EngineRequestError) -> APIError:
     return APIError(e.message, e.status, None)
 
 
+async def run_to_completion(state, base_id: str, reqs: list[GenerateReq], request: Request
+                            ) -> list[SubResult] | None:
+    """Run a non-streaming request group to the end. None when the client went away (its requests are
+    aborted in the engine); an engine-side rejection becomes its APIError."""
+    with RequestGroup(state.groups, base_id, reqs):
+        try:
+            return await collect(state.engine, reqs, request)
+        except EngineRequestError as e:
+            raise engine_error(e) from e
+        except ClientDisconnected:
+            return None
+
+
 # ---------------------------------------------------------------------------- SSE
 def sse(obj) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
