@@ -74,9 +74,8 @@ class Sampler:
         next_ids = logits.argmax(dim=-1)
         if not bool(greedy.all()):
             temps = self._col([sp.temperature if not sp.greedy else 1.0 for sp in sps])
-            probs = torch.softmax(logits / temps, dim=-1)
-            probs = self._truncate(probs, sps)
-            sampled = self._draw(probs, reqs)
+            probs, token_ids = self.candidates(torch.softmax(logits / temps, dim=-1), sps)
+            sampled = self._draw(probs, token_ids, reqs)
             next_ids = torch.where(greedy, next_ids, sampled)
         next_ids = next_ids.tolist()
         logprob_info = None
@@ -84,36 +83,44 @@ class Sampler:
             logprob_info = self.logprobs(raw, next_ids, [sp.logprobs for sp in sps])
         return next_ids, logprob_info
 
-    def _truncate(self, probs: torch.Tensor, sps) -> torch.Tensor:
-        need_sort = any(sp.top_k > 0 or sp.top_p < 1.0 for sp in sps)
-        if need_sort:
-            sorted_p, order = probs.sort(dim=-1, descending=True)
+    def candidates(self, probs: torch.Tensor, sps) -> tuple[torch.Tensor, torch.Tensor]:
+        """Truncate by top_k / top_p / min_p / top_a. Returns (probs [B, W], token ids [B, W]): W = V in
+        vocabulary order, or, when sorting is needed, the sorted candidates (only the top max(top_k) when
+        every sampling row has a top_k: a partial sort instead of sorting the whole vocabulary)."""
+        B, V = probs.shape
+        ks = [1 if sp.greedy else (sp.top_k if sp.top_k > 0 else V) for sp in sps]
+        token_ids = torch.arange(V, device=probs.device).expand(B, V)
+        if any(sp.top_k > 0 or sp.top_p < 1.0 for sp in sps if not sp.greedy):
+            K = max(ks)
+            probs, token_ids = probs.topk(K, dim=-1) if K < V else probs.sort(dim=-1, descending=True)
             ranks = torch.arange(probs.shape[-1], device=probs.device).unsqueeze(0)
-            top_k = self._col([sp.top_k if sp.top_k > 0 else probs.shape[-1] for sp in sps], torch.long)
             top_p = self._col([sp.top_p for sp in sps])
-            cum = sorted_p.cumsum(dim=-1)
-            drop = (ranks >= top_k) | ((cum - sorted_p) > top_p)  # keep the smallest set reaching top_p
+            cum = probs.cumsum(dim=-1)
+            drop = (ranks >= self._col(ks, torch.long)) | ((cum - probs) > top_p)  # smallest set reaching top_p
             drop[:, 0] = False
-            sorted_p = sorted_p.masked_fill(drop, 0.0)
-            probs = torch.zeros_like(probs).scatter_(1, order, sorted_p)
+            probs = probs.masked_fill(drop, 0.0)
         if any(sp.min_p > 0 or sp.top_a > 0 for sp in sps):
             pmax = probs.max(dim=-1, keepdim=True).values
             min_p = self._col([sp.min_p for sp in sps])
             top_a = self._col([sp.top_a for sp in sps])
             threshold = torch.maximum(min_p * pmax, top_a * pmax * pmax)
             probs = probs.masked_fill(probs < threshold, 0.0)
-        return probs
+        return probs, token_ids
 
-    def _draw(self, probs: torch.Tensor, reqs: list[Req]) -> torch.Tensor:
-        """Exponential-race sampling (argmax p / E, E ~ Exp(1)), equivalent to multinomial."""
+    def _draw(self, probs: torch.Tensor, token_ids: torch.Tensor, reqs: list[Req]) -> torch.Tensor:
+        """Exponential-race sampling (argmax p / E, E ~ Exp(1)), equivalent to multinomial. A seeded row's
+        noise for a token is a hash of (seed, position, token id): the same whatever else is in the batch,
+        however the candidates are ordered, and after a preemption."""
         noise = torch.empty_like(probs).exponential_()
-        for i, r in enumerate(reqs):
-            sp = r.sampling
-            if sp.seed is not None and not sp.greedy:
-                # seeded by (seed, position): reproducible alone, in any batch, and after preemption
-                g = torch.Generator(device="cpu").manual_seed((sp.seed * 1_000_003 + r.num_output) % (2 ** 63))
-                noise[i] = torch.empty(probs.shape[1]).exponential_(generator=g).to(probs.device)
-        return (probs / noise).argmax(dim=-1)
+        seeded = [i for i, r in enumerate(reqs) if r.sampling.seed is not None and not r.sampling.greedy]
+        if seeded:
+            rows = torch.tensor(seeded, device=probs.device)
+            seeds = torch.tensor([reqs[i].sampling.seed for i in seeded], device=probs.device).unsqueeze(1)
+            positions = torch.tensor([reqs[i].num_output for i in seeded], device=probs.device).unsqueeze(1)
+            u = _hash_uniform(seeds, positions, token_ids[rows])
+            noise[rows] = -torch.log(u).to(noise.dtype)
+        choice = (probs / noise).argmax(dim=-1, keepdim=True)
+        return token_ids.gather(1, choice).squeeze(1)
 
     @staticmethod
     def logprobs(raw: torch.Tensor, next_ids: list[int], top_ns: list[int | None]):
@@ -130,3 +137,19 @@ class Sampler:
             tops = list(zip(top_i[i, :n].tolist(), top_v[i, :n].tolist())) if n else []
             out.append((chosen[i], tops))
         return out
+
+
+_MASK32 = 0xFFFFFFFF
+
+
+def _hash_uniform(seeds: torch.Tensor, positions: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
+    """Uniform (0, 1) numbers from a counter-based hash (murmur3's finalizer) of (seed, position, token):
+    vectorized, stateless and deterministic. Products wrap in int64; only the low 32 bits are kept."""
+    x = (token_ids * 0x9E3779B1 + seeds * 0x85EBCA77 + positions * 0xC2B2AE3D + 0x165667B1) & _MASK32
+    for _ in range(2):
+        x = x ^ (x >> 16)
+        x = (x * 0x85EBCA6B) & _MASK32
+        x = x ^ (x >> 13)
+        x = (x * 0xC2B2AE35) & _MASK32
+        x = x ^ (x >> 16)
+    return (x.double() + 0.5) / 2.0 ** 32
