@@ -239,6 +239,21 @@ class _StreamParser:
                 continue
             return best
 
+    def _next_call(self, begin: str, ends: tuple[str, ...], committed: bool):
+        """Inside a tool-call block: skip to the next call opener `begin` (consumed; returns True) or the
+        block's end (consumed; returns False). Stray text is skipped once a call has been committed;
+        before that, or at the end of the output, it leaves the block (returns False, nothing consumed)."""
+        while True:
+            yield from self._skip_ws()
+            t = yield from self._match((begin, *ends))
+            if t is None:
+                if self._at_eof() or not committed:
+                    return False
+                self._consume(1)
+                continue
+            self._consume(len(t))
+            return t == begin
+
     def _until_step(self, tokens: tuple[str, ...], emit: Callable[[str], None]):
         """One non-blocking step of ``_until``: returns (decided, token)."""
         buf, pos = self._buf, self._pos

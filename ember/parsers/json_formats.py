@@ -256,17 +256,8 @@ class KimiK2Parser(_JsonCallParser):
     def _block(self, token: str):
         committed = False
         while True:
-            yield from self._skip_ws()
-            t = yield from self._match((_K2_CALL_BEGIN, *_K2_SECTION_ENDS))
-            if t in _K2_SECTION_ENDS:
-                self._consume(len(t))
+            if not (yield from self._next_call(_K2_CALL_BEGIN, _K2_SECTION_ENDS, committed)):
                 return committed
-            if t is None:
-                if self._at_eof() or not committed:
-                    return committed
-                self._consume(1)
-                continue
-            self._consume(len(t))
             head, end = yield from self._collect_until((_K2_ARG_BEGIN, _K2_CALL_END, *_K2_SECTION_ENDS))
             m = _K2_ID.match(head.strip())
             if end != _K2_ARG_BEGIN or not m or not self._known(m["name"]):

@@ -293,17 +293,8 @@ class Step3Parser(_XmlToolParser):
     def _block(self, token: str):
         committed = False
         while True:
-            yield from self._skip_ws()
-            t = yield from self._match((self.CALL_BEGIN, self.CALLS_END))
-            if t == self.CALLS_END:
-                self._consume(len(t))
+            if not (yield from self._next_call(self.CALL_BEGIN, (self.CALLS_END,), committed)):
                 return committed
-            if t is None:
-                if self._at_eof() or not committed:
-                    return committed
-                self._consume(1)
-                continue
-            self._consume(len(t))
             kind, end = yield from self._collect_until((self.SEP, self.CALL_END, self.CALLS_END))
             name = None
             if end == self.SEP and kind.strip() == "function":
@@ -514,17 +505,8 @@ class MinimaxM2Parser(_XmlToolParser):
     def _block(self, token: str):
         committed = False
         while True:
-            yield from self._skip_ws()
-            t = yield from self._match(("<invoke name=", self.END))
-            if t == self.END:
-                self._consume(len(t))
+            if not (yield from self._next_call("<invoke name=", (self.END,), committed)):
                 return committed
-            if t is None:
-                if self._at_eof() or not committed:
-                    return committed
-                self._consume(1)
-                continue
-            self._consume(len(t))
             name, end = yield from self._collect_until((">", "\n", "<"))
             name = name.strip().strip("\"'")
             if end != ">" or not self._known(name):
