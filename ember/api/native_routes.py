@@ -19,7 +19,7 @@ from ember.api.protocol import (
 from ember.api.serving import (
     MAX_N, SSE_DONE, ClientDisconnected, SSEResponse, SubResult, check_overload, collect,
     json_schema_text, new_id, parse_body, parse_logit_bias,
-    resolve_max_new_tokens, run_to_completion, sse, sse_error, start_stream, validate_sampling,
+    resolve_max_new_tokens, run_to_completion, stream_items, sse, sse_error, start_stream, validate_sampling,
 )
 from ember.engine.engine_client import EngineRequestError
 from ember.engine.io_struct import GenerateReq
@@ -293,18 +293,12 @@ async def generate(request: Request):
     async def stream():
         results = [SubResult() for _ in reqs]
         try:
-            item = first
-            while item is not None:
-                k, out = item
+            async for k, out in stream_items(first, gen):
                 results[k].add(out)
                 event = result(k, results[k], out.finished)
                 if not single:
                     event["index"] = k
                 yield sse(event)
-                try:
-                    item = await gen.__anext__()
-                except StopAsyncIteration:
-                    item = None
         except EngineRequestError as e:
             yield sse_error(e.message, e.status)
         finally:

@@ -15,7 +15,7 @@ from ember.api.reasoning import parse_reasoning_request, plan_reasoning, templat
 from ember.api.serving import (
     MAX_N, SSE_DONE, ClientDisconnected, SSEResponse, SubResult, check_overload,
     json_schema_text, new_id, now, parse_body, parse_logit_bias, 
-    resolve_max_new_tokens, run_to_completion, sse, sse_error, start_stream, validate_sampling,
+    resolve_max_new_tokens, run_to_completion, stream_items, sse, sse_error, start_stream, validate_sampling,
 )
 from ember.engine.engine_client import EngineRequestError
 from ember.engine.io_struct import GenerateReq
@@ -281,9 +281,7 @@ async def completions(request: Request):
         lpbs = [_CompletionLogprobs(state, req.logprobs or 0) for _ in reqs]
         echoed = [False] * len(reqs)
         try:
-            item = first
-            while item is not None:
-                idx, out = item
+            async for idx, out in stream_items(first, gen):
                 results[idx].add(out)
                 p_idx = idx // n
                 text = out.text_delta
@@ -302,10 +300,6 @@ async def completions(request: Request):
                                           "matched_stop": _matched(out) if out.finished else None}],
                              "usage": None}
                     yield sse(chunk)
-                try:
-                    item = await gen.__anext__()
-                except StopAsyncIteration:
-                    item = None
             if include_usage:
                 yield sse({"id": base_id, "object": "text_completion", "created": created, "model": model,
                            "choices": [], "usage": _usage(results, prompt_lens, n)})
@@ -483,9 +477,7 @@ async def chat_completions(request: Request):
         try:
             for idx in range(n):
                 yield chunk(idx, {"role": "assistant", "content": ""})
-            item = first
-            while item is not None:
-                idx, out = item
+            async for idx, out in stream_items(first, gen):
                 results[idx].add(out)
                 o = outputs[idx]
                 d = o.feed(out.text_delta)
@@ -510,10 +502,6 @@ async def chat_completions(request: Request):
                     if o.tool_calls and finish == "stop":
                         finish, matched = "tool_calls", None
                     yield chunk(idx, {}, finish, matched)
-                try:
-                    item = await gen.__anext__()
-                except StopAsyncIteration:
-                    item = None
             if include_usage:
                 rt = sum(tm.count_tokens(o.reasoning) for o in outputs)
                 yield sse({"id": base_id, "object": "chat.completion.chunk", "created": created, "model": model,

@@ -362,6 +362,17 @@ async def start_stream(state, base_id: str, reqs: list[GenerateReq], request: Re
     return on_close, gen, first
 
 
+async def stream_items(first, gen):
+    """The (index, TokenOut) items of a started stream: the prefetched first one, then the rest."""
+    item = first
+    while item is not None:
+        yield item
+        try:
+            item = await gen.__anext__()
+        except StopAsyncIteration:
+            item = None
+
+
 async def prefetch_first(agen: AsyncIterator, request: Request):
     """Wait for the first item of a stream while watching for a disconnect, so errors found by the engine
     (bad input) can still be answered with a status code. Returns (first item or None when empty)."""
