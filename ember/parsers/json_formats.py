@@ -12,6 +12,22 @@ from ember.parsers.jsonstream import CallEnvelope, JsonScanner
 class _JsonCallParser(ToolCallParser):
     """Shared pieces for ``{"name": ..., "arguments": {...}}`` objects."""
 
+    # Tolerant mode: an output that consists only of call JSON naming provided tools (no tags) is a call.
+    tolerant = False
+    tolerant_separators = ""  # allowed between the calls of a whole-output list
+
+    def _run(self):
+        if self.tolerant and self.tools:
+            self._mark()
+            calls = yield from self._whole_output_calls(separators=self.tolerant_separators)
+            if calls:
+                for name, args in calls:
+                    self._emit_call(name, args)
+                return
+            self._seek(self._keep)
+            self._unmark()
+        yield from super()._run()
+
     def _read_envelope(self):
         """Read one call object at the cursor (which is on ``{``), streaming it.
 
@@ -111,18 +127,6 @@ class Qwen25Parser(_JsonCallParser):
     END = "</tool_call>"
     tolerant = True
 
-    def _run(self):
-        if self.tolerant and self.tools:
-            self._mark()
-            calls = yield from self._whole_output_calls()
-            if calls:
-                for name, args in calls:
-                    self._emit_call(name, args)
-                return
-            self._seek(self._keep)
-            self._unmark()
-        yield from super()._run()
-
     def _block(self, token: str):
         committed = False
         while True:
@@ -155,18 +159,8 @@ class Llama3Parser(_JsonCallParser):
 
     name = "llama3"
     start_tokens = ("<|python_tag|>",)
-
-    def _run(self):
-        if self.tools:
-            self._mark()
-            calls = yield from self._whole_output_calls(separators=";")
-            if calls:
-                for name, args in calls:
-                    self._emit_call(name, args)
-                return
-            self._seek(self._keep)
-            self._unmark()
-        yield from super()._run()
+    tolerant = True
+    tolerant_separators = ";"
 
     def _block(self, token: str):
         committed = False
