@@ -69,6 +69,7 @@ class EngineCore:
         self.grammar = GrammarBackend(self.tokenizer, self.vocab_size, self.eos_token_ids)
         self._compiling: list[tuple[Req, object]] = []  # requests waiting for their grammar
         self._aborted: list[Req] = []
+        self._think_end_ids: dict[str, list[int]] = {}
         self.num_generated = 0
 
     # ------------------------------------------------------------------ requests
@@ -212,7 +213,9 @@ class EngineCore:
         sp = req.sampling
         if req.thinking_closed:
             return
-        end_ids = self.tokenizer.encode(sp.think_end, add_special_tokens=False)
+        end_ids = self._think_end_ids.get(sp.think_end)
+        if end_ids is None:  # tokenized once per end tag, not once per token
+            end_ids = self._think_end_ids[sp.think_end] = self.tokenizer.encode(sp.think_end, add_special_tokens=False)
         if sp.think_end in req.detok.text or req.output_ids[-len(end_ids):] == end_ids:
             req.thinking_closed = True  # the model closed it itself
         elif req.num_output >= sp.thinking_budget:
