@@ -54,8 +54,10 @@ HELP: dict[str, str] = {
     "speculative_eagle_topk": "Speculative decoding: EAGLE top-k branching (not implemented yet).",
     "speculative_num_draft_tokens": "Speculative decoding: draft tokens per verify (not implemented yet).",
     "enable_multi_layer_eagle": "Multi-layer EAGLE / MTP drafting (not implemented yet).",
-    "quantization": "Weight-only quantization for CPU decode: int8 or int4 (default: none, exact weights).",
-    "quantization": "Weight-only quantization for fast CPU decode: int8 or int4 (default: none).",
+    "quantization": "CPU quantization: int8 or int4 (weight-only), w8a8_int8 (int8 weights and activations, "
+                    "fastest for batched decode); default: none, exact weights.",
+    "sampling_defaults": "Where unset sampling fields of OpenAI requests come from: `model` (the model's "
+                         "generation_config.json, the default) or `openai` (temperature 1, top_p 1, ...).",
     "random_seed": "Random seed for sampling.",
     "num_threads": "Torch threads on CPU (default: all cores).",
 }
@@ -63,7 +65,8 @@ HELP: dict[str, str] = {
 CHOICES: dict[str, list[str]] = {
     "log_level": ["debug", "info", "warning", "error", "critical"],
     "device": ["auto", "cpu", "cuda"],
-    "quantization": ["int8", "int4"],
+    "quantization": ["int8", "int4", "w8a8_int8"],
+    "sampling_defaults": ["model", "openai"],
 }
 
 # Flags that are accepted (SGLang users pass them) but not implemented yet: starting with them fails.

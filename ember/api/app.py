@@ -15,6 +15,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ember.api.errors import APIError, error_body, error_response, validation_message
 from ember.engine.engine_client import EngineClient
+from ember.engine.sampling_params import model_sampling_defaults
 from ember.frontend.tokenizer_manager import TokenizerManager
 from ember.server_args import ServerArgs
 
@@ -31,6 +32,7 @@ class ServerState:
         self.tm: TokenizerManager | None = None
         self.groups: dict[str, list[str]] = {}  # request id -> engine rids (for /abort_request)
         self.created = int(time.time())
+        self.sampling_defaults: dict = {}  # for OpenAI request fields left unset (--sampling-defaults)
 
     @property
     def ready(self) -> bool:
@@ -76,6 +78,10 @@ class ServerState:
         info = self.engine.info
         self.tm = TokenizerManager(info.tokenizer, info.context_length, info.vocab_size,
                                    chat_template=self.chat_template, model_type=info.model_type)
+        if self.args.sampling_defaults == "model":
+            self.sampling_defaults = model_sampling_defaults(info.model_dir)
+            if self.sampling_defaults:
+                logger.info("sampling defaults from the model's generation_config.json: %s", self.sampling_defaults)
 
 
 class AuthMiddleware:

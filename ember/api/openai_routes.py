@@ -39,8 +39,10 @@ def _state(request: Request) -> "ServerState":
 
 
 # ---------------------------------------------------------------------------- helpers
-def build_sampling(req, max_new_tokens: int, vocab_size: int, logprobs: int | None) -> SamplingParams:
-    kw = {}
+def build_sampling(req, max_new_tokens: int, vocab_size: int, logprobs: int | None,
+                   defaults: dict | None = None) -> SamplingParams:
+    """`defaults`: the model's recommended values for fields the request leaves unset."""
+    kw = dict(defaults or {})
     for name in ("temperature", "top_p", "top_k", "min_p", "top_a", "frequency_penalty", "presence_penalty",
                  "repetition_penalty", "seed"):
         value = getattr(req, name)
@@ -235,7 +237,7 @@ async def completions(request: Request):
         raise APIError(f"logprobs must be in [0, 20], got {req.logprobs}", 400, "logprobs")
     max_new = [resolve_max_new_tokens(req.max_tokens, len(ids), tm.context_length, kv_capacity=state.kv_capacity)
                for ids in prompts]
-    sp = build_sampling(req, max_new[0], tm.vocab_size, req.logprobs)
+    sp = build_sampling(req, max_new[0], tm.vocab_size, req.logprobs, state.sampling_defaults)
     check_overload(state.engine, state.args.max_queued_requests, len(prompts) * n)
 
     base_id = req.rid or new_id()
@@ -364,7 +366,7 @@ async def chat_completions(request: Request):
             raise APIError(f"top_logprobs must be in [0, 20], got {top_n}", 400, "top_logprobs")
     elif req.top_logprobs:
         raise APIError("top_logprobs requires logprobs=true", 400, "top_logprobs")
-    sp = build_sampling(req, max_new, tm.vocab_size, top_n)
+    sp = build_sampling(req, max_new, tm.vocab_size, top_n, state.sampling_defaults)
 
     # tool_choice "required" or a named function: the engine constrains the output to JSON tool calls
     forced = tools is not None and (tool_choice == "required" or not isinstance(tool_choice, str))

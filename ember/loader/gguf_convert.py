@@ -49,19 +49,48 @@ def is_converted(out_dir: Path) -> bool:
     return (out_dir / MARKER_FILE).is_file() and (out_dir / "config.json").is_file()
 
 
-def convert_gguf(gguf_path: str | os.PathLike) -> Path:
-    """Return an HF-layout directory for ``gguf_path``, converting it on first use."""
+def convert_gguf(gguf_path: str | os.PathLike, sampling_defaults: dict[str, float] | None = None) -> Path:
+    """Return an HF-layout directory for ``gguf_path``, converting it on first use.
+
+    ``sampling_defaults`` (a bundled model's hub ``generation_config.json`` values, which its GGUF lacks)
+    are added to the directory's generation config where the GGUF gave none.
+    """
     src = Path(gguf_path).expanduser().resolve()
     if not src.is_file():
         raise FileNotFoundError(f"GGUF file not found: {src}")
     out_dir = converted_dir_for(src)
-    if is_converted(out_dir):
+    if not is_converted(out_dir):
+        _convert_locked(src, out_dir)
+    else:
         logger.debug("Using cached conversion %s for %s", out_dir, src)
-        return out_dir
+    if sampling_defaults:
+        _add_generation_defaults(out_dir, sampling_defaults)
+    return out_dir
+
+
+def _add_generation_defaults(out_dir: Path, defaults: dict[str, float]) -> None:
+    path = out_dir / "generation_config.json"
+    gen = json.loads(path.read_text()) if path.is_file() else {}
+    missing = {k: v for k, v in defaults.items() if k not in gen}
+    if not missing:
+        return
+    gen.update(missing)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    tmp.write_text(json.dumps(gen, indent=2) + "\n")
+    os.replace(tmp, path)  # atomic: a concurrent reader sees the old or the new file
+
+
+# GGUF's optional sampling metadata (general.sampling.*) -> generation_config.json fields.
+_GGUF_SAMPLING = {"general.sampling.temp": "temperature", "general.sampling.top_p": "top_p",
+                  "general.sampling.top_k": "top_k", "general.sampling.min_p": "min_p",
+                  "general.sampling.penalty_repeat": "repetition_penalty"}
+
+
+def _convert_locked(src: Path, out_dir: Path) -> None:
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     with file_lock(out_dir.parent / f".{out_dir.name}.lock"):
         if is_converted(out_dir):  # another process finished it while we waited
-            return out_dir
+            return
         if out_dir.exists():  # leftover without a marker: not ours to trust
             shutil.rmtree(out_dir)
         for stale in out_dir.parent.glob(f".{out_dir.name}.tmp-*"):  # from a killed conversion
@@ -75,7 +104,6 @@ def convert_gguf(gguf_path: str | os.PathLike) -> Path:
             os.replace(build, out_dir)
         finally:
             shutil.rmtree(work, ignore_errors=True)
-    return out_dir
 
 
 # ----------------------------------------------------------------------------------------------
@@ -159,6 +187,10 @@ def _convert_into(src: Path, out: Path, staging: Path) -> None:
     _patch_tokenizer_config(out, template, getattr(config, "max_position_embeddings", None))
     try:
         gen = GenerationConfig.from_model_config(config)
+        for key, name in _GGUF_SAMPLING.items():
+            if key in meta:
+                setattr(gen, name, meta[key])
+                gen.do_sample = True  # (transformers refuses to save sampling fields without it)
         eos = _end_of_generation_ids(tokenizer, config)
         if eos:
             gen.eos_token_id = eos if len(eos) > 1 else eos[0]

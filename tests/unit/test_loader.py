@@ -143,6 +143,22 @@ def test_generation_config_eos(qwen_dir, smollm2_dir):
     assert gen["eos_token_id"] == 2
 
 
+def test_bundled_sampling_defaults(qwen_dir, smollm2_dir):
+    """The hub's generation_config.json sampling values, which the GGUF lacks, come with the bundled Qwen."""
+    from ember.engine.sampling_params import model_sampling_defaults
+    assert model_sampling_defaults(qwen_dir) == {"temperature": 0.7, "top_p": 0.8, "top_k": 20,
+                                                 "repetition_penalty": 1.1}
+    assert model_sampling_defaults(smollm2_dir) == {}  # SmolLM2's hub config recommends none
+
+
+def test_gguf_sampling_metadata(tiny_cache):
+    from ember.engine.sampling_params import model_sampling_defaults
+    src = tiny_cache / "sampled.gguf"
+    _write_tiny_gguf(src, sampling={"temp": 0.6, "top_k": 40, "top_p": 0.9, "penalty_repeat": 1.05})
+    got = model_sampling_defaults(resolve_model_dir(str(src)))
+    assert got == pytest.approx({"temperature": 0.6, "top_k": 40, "top_p": 0.9, "repetition_penalty": 1.05})
+
+
 def test_second_resolve_is_cached(smollm2_dir, qwen_dir, gemma3_dir, monkeypatch):
     def no_conversion(*args, **kwargs):
         raise AssertionError("converted again")
@@ -195,7 +211,7 @@ def test_cache_dir_env(monkeypatch, tmp_path):
 # --- GGUF conversion on tiny files ------------------------------------------------------------
 
 
-def _write_tiny_gguf(path: Path, output_weight: str | None = None, hidden=64, layers=2, ff=128):
+def _write_tiny_gguf(path: Path, output_weight: str | None = None, hidden=64, layers=2, ff=128, sampling=None):
     """A tiny random llama GGUF with a byte-level BPE tokenizer; returns the embedding matrix."""
     import gguf
     from transformers.convert_slow_tokenizer import bytes_to_unicode
@@ -226,6 +242,8 @@ def _write_tiny_gguf(path: Path, output_weight: str | None = None, hidden=64, la
     w.add_eos_token_id(2)
     w.add_pad_token_id(0)
     w.add_add_bos_token(False)
+    for key, value in (sampling or {}).items():  # general.sampling.* (optional GGUF metadata)
+        (w.add_uint32 if isinstance(value, int) else w.add_float32)(f"general.sampling.{key}", value)
     w.add_chat_template("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}")
 
     def tensor(name, shape, q8=False):
