@@ -39,12 +39,16 @@ class PagedAttention(nn.Module):
         """q: [T, H, D]; k, v: [T, Hkv, D] -> [T, H * D]."""
         meta: AttentionMetadata = batch.attn[self.group]
         k_cache, v_cache = batch.kv_cache.layer(self.layer_id)
-        k_cache[meta.write_slots] = k.to(k_cache.dtype)
-        v_cache[meta.write_slots] = v.to(v_cache.dtype)
+        # index_copy_/index_select, not `cache[slots]`: advanced indexing takes ~30x longer on CPU here
+        # (0.9 ms against 26 us for one decode gather), and it runs twice per layer per step.
+        k_cache.index_copy_(0, meta.write_slots, k.to(k_cache.dtype))
+        v_cache.index_copy_(0, meta.write_slots, v.to(v_cache.dtype))
 
         B, max_q = meta.batch_size, meta.max_q
-        keys = k_cache[meta.kv_slots].transpose(1, 2)  # [B, Hkv, max_k, D]
-        values = v_cache[meta.kv_slots].transpose(1, 2)
+        slots = meta.kv_slots.reshape(-1)
+        gathered = (B, meta.kv_slots.shape[1], self.num_kv_heads, self.head_dim)
+        keys = k_cache.index_select(0, slots).view(gathered).transpose(1, 2)  # [B, Hkv, max_k, D]
+        values = v_cache.index_select(0, slots).view(gathered).transpose(1, 2)
         if max_q == 1 and q.shape[0] == B:  # pure decode: no padding needed
             queries = q.unsqueeze(2)  # [B, H, 1, D]
         else:

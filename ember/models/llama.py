@@ -113,7 +113,7 @@ class LlamaForCausalLM(nn.Module):
     def forward(self, batch) -> torch.Tensor:
         """Returns logits for the positions in batch.logit_index: [len(logit_index), vocab]."""
         hidden = self.model(batch)
-        return self.compute_logits(hidden[batch.logit_index])
+        return self.compute_logits(hidden.index_select(0, batch.logit_index))
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()
