@@ -18,8 +18,11 @@ RESULTS = BENCH_DIR / "results"
 EMBER_PYTHON = REPO_ROOT / ".venv" / "bin" / "python"
 DEFAULT_MODEL = "qwen2.5-coder-0.5b"
 
-# Spin-waiting OpenMP threads slow every CPU engine here 5-10x when anything else runs.
-BASE_ENV = {"OMP_WAIT_POLICY": "PASSIVE", "TOKENIZERS_PARALLELISM": "false"}
+# Unbounded spin-waiting OpenMP threads slow every CPU engine here 5-10x when anything else runs: PASSIVE.
+# But sleeping after every parallel region costs llama.cpp and torch alike dearly (llama-server: 21.9 ->
+# 41.0 tok/s at c=1 with a spin of 100,000), and ember's engine sets a bounded spin for itself
+# (ember/engine/engine_client.py): every engine gets that same bound, so no one wins by the setting.
+BASE_ENV = {"OMP_WAIT_POLICY": "PASSIVE", "GOMP_SPINCOUNT": "3000", "TOKENIZERS_PARALLELISM": "false"}
 
 
 def ember_python() -> str:

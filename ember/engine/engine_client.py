@@ -38,12 +38,13 @@ class EngineDeadError(EngineRequestError):
         super().__init__(message, 503)
 
 
-# OpenMP threads of the engine spin this many iterations (about a millisecond here) before sleeping, even
-# under OMP_WAIT_POLICY=PASSIVE (which alone makes them sleep at once): a decode step runs hundreds of small
-# parallel regions back to back, and waking sleeping threads for each cost ~100 us per GEMM (BENCHMARKS.md:
-# +20 % tokens/s at batch 1, +35 % at 16). Bounded, so an idle engine still leaves the cores to others.
-# A GOMP_SPINCOUNT the user sets wins.
-ENGINE_OMP_SPINCOUNT = "100000"
+# OpenMP threads of the engine spin a little (GOMP_SPINCOUNT) before sleeping, even under
+# OMP_WAIT_POLICY=PASSIVE (which alone makes them sleep at once): a decode step runs hundreds of small
+# parallel regions back to back, and waking sleeping threads costs ~100 us per small GEMM, a fifth of a
+# batch-1 step. Measured on one 896x1152 GEMM (BENCHMARKS.md): quiet machine 145 us (spin 0) -> 52 us
+# (3,000) = 51 us (100,000); next to one busy process 80 us (0), 236 us (3,000), 3,212 us (100,000).
+# So the spin stays short. A GOMP_SPINCOUNT the user sets wins.
+ENGINE_OMP_SPINCOUNT = "3000"
 
 
 @contextlib.contextmanager
