@@ -60,6 +60,9 @@ HELP: dict[str, str] = {
                          "generation_config.json, the default) or `openai` (temperature 1, top_p 1, ...).",
     "random_seed": "Random seed for sampling.",
     "num_threads": "Torch threads on CPU (default: all cores).",
+    "file_storage_path": "Directory for files uploaded through /v1/files, kept across restarts "
+                         "(default: a temporary directory, removed when the server stops).",
+    "file_max_bytes": "Largest file /v1/files accepts, in bytes (larger uploads get 413).",
 }
 
 CHOICES: dict[str, list[str]] = {
@@ -153,6 +156,12 @@ def check_server_args(args: ServerArgs, given: set[str] | None = None) -> list[s
         errors.append(f"--port must be in 1..65535, got {args.port}")
     if args.context_length is not None and args.context_length < 1:
         errors.append(f"--context-length must be >= 1, got {args.context_length}")
+    if args.file_max_bytes < 1:
+        errors.append(f"--file-max-bytes must be >= 1, got {args.file_max_bytes}")
+    if args.file_storage_path is not None:
+        path = os.path.expanduser(args.file_storage_path)
+        if os.path.exists(path) and not os.path.isdir(path):
+            errors.append(f"--file-storage-path {args.file_storage_path} exists and is not a directory")
     # (no torch here: the API process stays small; the engine process validates --dtype / --device)
     device = args.device
     if device == "auto":

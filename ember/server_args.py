@@ -46,6 +46,9 @@ class ServerArgs:
     sampling_defaults: str = "model"
     random_seed: int = 0
     num_threads: int | None = None  # torch threads on CPU (default: all cores)
+    # Files API (/v1/files): where uploads are kept (None: a temporary directory, removed at exit)
+    file_storage_path: str | None = None
+    file_max_bytes: int = 128 * 1024 * 1024  # 128 MiB, the video limit seed 004 states; larger uploads get 413
 
     @classmethod
     def field_names(cls) -> set[str]:
