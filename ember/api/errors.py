@@ -1,6 +1,7 @@
 """Errors in OpenAI's JSON shape: {"object": "error", "error": {"message", "type", "param", "code"}, ...}.
 
 The `error` key is what the openai SDK reads, so it raises BadRequestError etc. with our message.
+The Anthropic-style routes (/v1/messages) answer in Anthropic's shape instead (`anthropic_error_body`).
 """
 from __future__ import annotations
 
@@ -45,6 +46,24 @@ def error_body(message: str, status: int = 400, param: str | None = None, err_ty
         "param": param,
         "code": status,
     }
+
+
+_ANTHROPIC_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    503: "overloaded_error",
+    529: "overloaded_error",
+}
+
+
+def anthropic_error_body(message: str, status: int = 400) -> dict:
+    """Anthropic's error shape: {"type": "error", "error": {"type": "invalid_request_error", "message"}}."""
+    etype = _ANTHROPIC_TYPES.get(status) or ("invalid_request_error" if status < 500 else "api_error")
+    return {"type": "error", "error": {"type": etype, "message": message}}
 
 
 def error_response(message: str, status: int = 400, param: str | None = None,

@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import json
 import uuid
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
 from ember.api.errors import APIError
 from ember.api.protocol import ChatCompletionRequest, CompletionRequest
-from ember.api.reasoning import parse_reasoning_request, plan_reasoning, template_switches, thinking_budget
+from ember.api.reasoning import (
+    ReasoningRequest, parse_reasoning_request, plan_reasoning, template_switches, thinking_budget,
+)
 from ember.api.serving import (
     MAX_N, SSE_DONE, ClientDisconnected, SSEResponse, SubResult, check_overload,
     json_schema_text, new_id, now, parse_body, parse_logit_bias, 
@@ -320,15 +323,21 @@ def _tool_call_dict(call: dict, index: int) -> dict:
             "function": {"name": call.get("name"), "arguments": call.get("arguments") or ""}}
 
 
-@router.post("/v1/chat/completions")
-async def chat_completions(request: Request):
-    state = _state(request)
-    req, raw = await parse_body(request, ChatCompletionRequest)
-    state.require_ready()
-    n = _check_n(req)
+@dataclass
+class PreparedChat:
+    """A chat request turned into what the engine and the output parsers need (shared with the
+    Anthropic-style /v1/messages, which maps its request onto a ChatCompletionRequest)."""
+    prompt_ids: list[int]
+    sp: SamplingParams
+    rr: ReasoningRequest
+    top_n: int | None
+    new_output: Callable[[], "ChoiceOutput | ForcedToolOutput"]
+
+
+def prepare_chat(state: "ServerState", req: ChatCompletionRequest, raw: dict) -> PreparedChat:
+    """Tools, reasoning effort, chat template, max tokens, sampling, constrained tool calls, parsers."""
     tm = state.tm
     args = state.args
-
     tools = None
     tool_choice = req.tool_choice if req.tool_choice is not None else ("auto" if req.tools else "none")
     if req.tools and tool_choice != "none":
@@ -401,7 +410,20 @@ async def chat_completions(request: Request):
         except Exception as e:  # noqa: BLE001 - e.g. parsers not available
             raise APIError(f"could not set up the output parser: {e}", 500) from e
 
-    outputs = [new_output() for _ in range(n)]
+    return PreparedChat(prompt_ids, sp, rr, top_n, new_output)
+
+
+@router.post("/v1/chat/completions")
+async def chat_completions(request: Request):
+    state = _state(request)
+    req, raw = await parse_body(request, ChatCompletionRequest)
+    state.require_ready()
+    n = _check_n(req)
+    chat = prepare_chat(state, req, raw)
+    prompt_ids, sp, rr, top_n = chat.prompt_ids, chat.sp, chat.rr, chat.top_n
+    tm = state.tm
+    args = state.args
+    outputs = [chat.new_output() for _ in range(n)]
     check_overload(state.engine, args.max_queued_requests, n)
     base_id = req.rid or new_id()
     reqs = _sub_requests(base_id, [prompt_ids], n, sp)
