@@ -13,7 +13,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ember.api.errors import APIError, error_body, error_response, validation_message
+from ember.api.errors import APIError, anthropic_error_body, error_body, error_response, validation_message
 from ember.engine.engine_client import EngineClient
 from ember.engine.sampling_params import model_sampling_defaults
 from ember.frontend.tokenizer_manager import TokenizerManager
@@ -104,8 +104,12 @@ class AuthMiddleware:
             token = headers[b"x-api-key"].strip()
         if token and hmac.compare_digest(token, self.expected):
             return await self.app(scope, receive, send)
-        body = json.dumps(error_body("Invalid or missing API key: send `Authorization: Bearer <key>`.",
-                                     401, None, "AuthenticationError")).encode()
+        if scope["path"].startswith("/v1/messages"):  # the Anthropic-style API answers in its own shape
+            body = json.dumps(anthropic_error_body("Invalid or missing API key: send `x-api-key: <key>` or "
+                                                   "`Authorization: Bearer <key>`.", 401)).encode()
+        else:
+            body = json.dumps(error_body("Invalid or missing API key: send `Authorization: Bearer <key>`.",
+                                         401, None, "AuthenticationError")).encode()
         await send({"type": "http.response.start", "status": 401,
                     "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
                                 (b"www-authenticate", b"Bearer")]})
@@ -153,10 +157,14 @@ def create_app(args: ServerArgs, engine: EngineClient, chat_template: str | None
         logger.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
         return error_response(f"Internal server error: {type(exc).__name__}: {exc}", 500)
 
+    from ember.api.files_routes import router as files_router
+    from ember.api.anthropic_routes import router as anthropic_router
     from ember.api.native_routes import router as native_router
     from ember.api.openai_routes import router as openai_router
     app.include_router(openai_router)
     app.include_router(native_router)
+    app.include_router(anthropic_router)
+    app.include_router(files_router)
     if args.api_key:
         app.add_middleware(AuthMiddleware, api_key=args.api_key)
     return app

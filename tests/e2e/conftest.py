@@ -151,7 +151,8 @@ def e2e_servers(tmp_path_factory):
 _E2E_DIR = Path(__file__).parent
 # server fixture -> registry key
 SERVER_FIXTURES = {"smollm2_server": "smollm2", "smollm2_special_server": "smollm2-special",
-                   "smollm2_think_server": "smollm2-think", "qwen_server": "qwen"}
+                   "smollm2_think_server": "smollm2-think", "qwen_server": "qwen",
+                   "smollm2_files_server": "smollm2-files"}
 _LAST_USER: dict[str, str] = {}  # registry key -> nodeid of the last test that uses it
 
 
@@ -223,6 +224,21 @@ def smollm2_think_server(e2e_servers, smollm2_model, tmp_path_factory) -> Server
     template.write_text(THINK_TEMPLATE)
     return e2e_servers.get("smollm2-think", ["--model-path", smollm2_model, "--reasoning-parser", "qwen3-thinking",
                                              "--chat-template", str(template)])
+
+
+FILES_MAX_BYTES = 64 * 1024
+
+
+@pytest.fixture(scope="session")
+def smollm2_files_server(e2e_servers, smollm2_model, tmp_path_factory) -> Server:
+    """SmolLM2 with a Files API directory of its own (the test reads it), a small upload limit
+    (--file-max-bytes 64 KiB) and an API key."""
+    storage = tmp_path_factory.mktemp("files")
+    server = e2e_servers.get("smollm2-files", [
+        "--model-path", smollm2_model, "--file-storage-path", str(storage),
+        "--file-max-bytes", str(FILES_MAX_BYTES)], api_key="sk-ember-files")
+    server.extra.update(storage=storage, max_bytes=FILES_MAX_BYTES)
+    return server
 
 
 @pytest.fixture(scope="session")
