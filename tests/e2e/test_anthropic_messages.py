@@ -11,6 +11,7 @@ import anthropic
 import jsonschema
 import pytest
 import requests
+from tests.e2e.test_qwen_tools import TOOLS
 
 GREEDY = {"temperature": 0}
 ASK = [{"role": "user", "content": "What is the capital of France?"}]
@@ -233,18 +234,9 @@ def test_thinking_blocks(smollm2_think_server):
 
 
 # ------------------------------------------------------------------------------ tools
-WEATHER = {
-    "name": "get_weather",
-    "description": "Get the current weather in a given location",
-    "input_schema": {
-        "type": "object",
-        "properties": {
-            "location": {"type": "string", "description": "City and state, e.g., 'San Francisco, CA'"},
-            "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]},
-        },
-        "required": ["location", "unit"],
-    },
-}
+_WEATHER_FN = TOOLS[0]["function"]  # the seed's get_weather, in Anthropic's tool shape
+WEATHER = {"name": _WEATHER_FN["name"], "description": _WEATHER_FN["description"],
+           "input_schema": _WEATHER_FN["parameters"]}
 
 
 def test_tool_use_round_trip(qwen_server):
