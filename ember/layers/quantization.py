@@ -17,30 +17,47 @@ METHODS = ("int8", "int4", "w8a8_int8")
 INT4_GROUP = 32
 
 
-class Int8Linear(nn.Module):
-    """Per-output-channel symmetric int8 weights."""
+class _QuantLinear(nn.Module):
+    """What every quantized linear shares: flatten to rows, the kernel (`_mm`), back to shape, bias."""
 
     def __init__(self, linear: nn.Linear):
         super().__init__()
-        w = linear.weight.detach().float()
-        scales = w.abs().amax(dim=1).clamp(min=1e-8) / 127.0
-        self.register_buffer("qweight", torch.round(w / scales[:, None]).clamp(-127, 127).to(torch.int8))
-        self.register_buffer("scales", scales.to(torch.bfloat16))
         self.bias = linear.bias
-        self.out_features = w.shape[0]
+        self.out_features = linear.weight.shape[0]
+
+    def _mm(self, x2: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
-        y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, shape[-1]).to(torch.bfloat16), self.qweight, self.scales)
-        y = y.to(x.dtype).reshape(*shape[:-1], self.out_features)
+        y = self._mm(x.reshape(-1, shape[-1])).to(x.dtype).reshape(*shape[:-1], self.out_features)
         return y + self.bias if self.bias is not None else y
 
 
-class Int4Linear(nn.Module):
+def _int8_per_channel(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-output-channel int8: (q [N, K] int8, scales [N] float32)."""
+    scales = w.abs().amax(dim=1).clamp(min=1e-8) / 127.0
+    return torch.round(w / scales[:, None]).clamp(-127, 127).to(torch.int8), scales
+
+
+class Int8Linear(_QuantLinear):
+    """Per-output-channel symmetric int8 weights."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__(linear)
+        q, scales = _int8_per_channel(linear.weight.detach().float())
+        self.register_buffer("qweight", q)
+        self.register_buffer("scales", scales.to(torch.bfloat16))
+
+    def _mm(self, x2: torch.Tensor) -> torch.Tensor:
+        return torch.ops.aten._weight_int8pack_mm(x2.to(torch.bfloat16), self.qweight, self.scales)
+
+
+class Int4Linear(_QuantLinear):
     """Group-wise (32) asymmetric int4 weights, packed for torch's CPU int4 kernel."""
 
     def __init__(self, linear: nn.Linear, group: int = INT4_GROUP):
-        super().__init__()
+        super().__init__(linear)
         w = linear.weight.detach().float()
         N, K = w.shape
         if K % group:
@@ -54,15 +71,10 @@ class Int4Linear(nn.Module):
         self.register_buffer("qweight", torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 8))
         self.register_buffer("scales_zeros", sz.to(torch.bfloat16))
         self.group = group
-        self.bias = linear.bias
-        self.out_features = N
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(
-            x.reshape(-1, shape[-1]).to(torch.bfloat16), self.qweight, self.group, self.scales_zeros)
-        y = y.to(x.dtype).reshape(*shape[:-1], self.out_features)
-        return y + self.bias if self.bias is not None else y
+    def _mm(self, x2: torch.Tensor) -> torch.Tensor:
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(x2.to(torch.bfloat16), self.qweight, self.group,
+                                                          self.scales_zeros)
 
 
 def _has_vnni() -> bool:
@@ -80,29 +92,22 @@ _ACT_LEVELS = 255 if _has_vnni() else 127
 _ACT_SCALE, _ACT_ZERO = 2.0 / _ACT_LEVELS, (_ACT_LEVELS + 1) // 2
 
 
-class W8A8Linear(nn.Module):
+class W8A8Linear(_QuantLinear):
     """int8 weights (per output channel) x int8 activations (per token) through fbgemm's packed GEMM."""
 
     def __init__(self, linear: nn.Linear):
-        super().__init__()
-        w = linear.weight.detach().float()
-        scales = w.abs().amax(dim=1).clamp(min=1e-8) / 127.0
-        q = torch.round(w / scales[:, None]).clamp(-127, 127).to(torch.int8)
+        super().__init__(linear)
+        q, scales = _int8_per_channel(linear.weight.detach().float())
         with warnings.catch_warnings():  # torch marks quantized tensors deprecated; fbgemm's GEMM still needs one
             warnings.simplefilter("ignore", UserWarning)
             qw = torch._make_per_channel_quantized_tensor(q, scales.double(), torch.zeros_like(scales, dtype=torch.long), 0)
         self.packed = torch.ops.quantized.linear_prepack(qw, None)  # fbgemm's layout; the int8 copy is freed
-        self.bias = linear.bias
-        self.out_features = w.shape[0]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
-        x2 = x.reshape(-1, shape[-1]).float()
+    def _mm(self, x2: torch.Tensor) -> torch.Tensor:
+        x2 = x2.float()
         row_max = x2.abs().amax(-1, keepdim=True).clamp(min=1e-12)
-        y = torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(
+        return torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(
             x2 / row_max, _ACT_SCALE, _ACT_ZERO, self.packed) * row_max
-        y = y.to(x.dtype).reshape(*shape[:-1], self.out_features)
-        return y + self.bias if self.bias is not None else y
 
 
 # With int4, two kinds of layer keep 8 bits (as llama.cpp's Q4_K_M keeps some tensors at 6-8 bits):
