@@ -55,7 +55,8 @@ HELP: dict[str, str] = {
     "speculative_num_draft_tokens": "Speculative decoding: draft tokens per verify (not implemented yet).",
     "enable_multi_layer_eagle": "Multi-layer EAGLE / MTP drafting (not implemented yet).",
     "quantization": "CPU quantization: int8 or int4 (weight-only), w8a8_int8 (int8 weights and activations, "
-                    "fastest for batched decode); default: none, exact weights.",
+                    "fastest for batched decode), w4a8 (4-bit group weights x int8 activations on ember's "
+                    "VNNI kernel, fastest at batch 1); default: none, exact weights.",
     "sampling_defaults": "Where unset sampling fields of OpenAI requests come from: `model` (the model's "
                          "generation_config.json, the default) or `openai` (temperature 1, top_p 1, ...).",
     "random_seed": "Random seed for sampling.",
@@ -68,7 +69,7 @@ HELP: dict[str, str] = {
 CHOICES: dict[str, list[str]] = {
     "log_level": ["debug", "info", "warning", "error", "critical"],
     "device": ["auto", "cpu", "cuda"],
-    "quantization": ["int8", "int4", "w8a8_int8"],
+    "quantization": ["int8", "int4", "w8a8_int8", "w4a8"],
     "sampling_defaults": ["model", "openai"],
 }
 

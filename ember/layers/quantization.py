@@ -1,19 +1,22 @@
-"""Quantized linear layers for fast CPU serving (`--quantization int8|int4|w8a8_int8`).
+"""Quantized linear layers for fast CPU serving (`--quantization int8|int4|w8a8_int8|w4a8`).
 
 Batch-1 decode on CPU is bound by reading weights: fp32 GEMMs at M=1 reach a few GFLOP/s here, while
 torch's weight-only int8 / int4 CPU kernels read 4x / 8x fewer bytes (activations run in bfloat16 inside
 the kernel). Batched decode is bound by compute instead, and there integer dot products win: w8a8_int8
 quantizes activations too (per token) and runs fbgemm's int8 GEMM (VNNI), 2-3x the weight-only kernels
-at 16+ rows (BENCHMARKS.md). The fp32 path stays exact; these are options.
+at 16+ rows (BENCHMARKS.md). w4a8 reads the fewest bytes: 4-bit groups of 32 (fp16 scale and offset) times
+int8 activation groups, on ember's own AVX-512 VNNI kernel (ember/kernels/vnni_gemm.cpp), llama.cpp's
+Q4_1 x Q8_0 scheme. The fp32 path stays exact; these are options.
 """
 from __future__ import annotations
 
 import warnings
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-METHODS = ("int8", "int4", "w8a8_int8")
+METHODS = ("int8", "int4", "w8a8_int8", "w4a8")
 INT4_GROUP = 32
 
 
@@ -110,12 +113,101 @@ class W8A8Linear(_QuantLinear):
             x2 / row_max, _ACT_SCALE, _ACT_ZERO, self.packed) * row_max
 
 
+GROUP = 32  # inputs per quantization group in the group GEMM (vnni_gemm.cpp)
+_TILE = 16  # output rows per tile there
+
+
+FIT_ROUNDS = 4
+
+
+def _assign(g: torch.Tensor, dw: torch.Tensor, mw: torch.Tensor, levels: int) -> torch.Tensor:
+    d, m = dw.float()[..., None], mw.float()[..., None]
+    return torch.where(d > 0, torch.round((g - m) / torch.where(d > 0, d, 1.0)), 0.0).clamp(0, levels)
+
+
+def _fit_groups(g: torch.Tensor, levels: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per group (last dim), codes q and fp16 (d, m) with g ~= d * q + m. Starts from the min/max grid,
+    then alternates least-squares (d, m) for the codes and codes for (d, m), keeping a group's fit only
+    when its squared error drops (like llama.cpp's make_qkx2_quants, without the weighting)."""
+    lo, hi = g.amin(-1), g.amax(-1)
+    dw, mw = ((hi - lo) / levels).half(), lo.half()
+    q = _assign(g, dw, mw, levels)
+    err = (dw.float()[..., None] * q + mw.float()[..., None] - g).pow(2).sum(-1)
+    n = g.shape[-1]
+    for _ in range(FIT_ROUNDS):
+        sq, sw = q.sum(-1), g.sum(-1)
+        sqq, sqw = (q * q).sum(-1), (q * g).sum(-1)
+        det = n * sqq - sq * sq
+        ok = det > 0
+        d_new = torch.where(ok, (n * sqw - sq * sw) / torch.where(ok, det, 1.0), dw.float())
+        m_new = torch.where(ok, (sw - d_new * sq) / n, mw.float())
+        d16, m16 = d_new.clamp(min=0).half(), m_new.half()
+        q_new = _assign(g, d16, m16, levels)
+        err_new = (d16.float()[..., None] * q_new + m16.float()[..., None] - g).pow(2).sum(-1)
+        better = err_new < err
+        dw, mw = torch.where(better, d16, dw), torch.where(better, m16, mw)
+        q = torch.where(better[..., None], q_new, q)
+        err = torch.minimum(err, err_new)
+    return q.to(torch.uint8), dw, mw
+
+
+def _pack_groups(w: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Asymmetric per-group quantization of w [N, K] (w ~= dw * q + mw, q in 0..2^bits-1, fp16 dw/mw) into
+    the tile layout of ember/kernels/vnni_gemm.cpp. Rows go in chunks to bound the float temporaries."""
+    N, K = w.shape
+    if K % GROUP:
+        raise ValueError(f"in_features {K} is not a multiple of the group size {GROUP}")
+    levels, ng = (1 << bits) - 1, K // GROUP
+    packed, dws, mws = [], [], []
+    step = 256 * _TILE
+    for r0 in range(0, N, step):
+        q, dw, mw = _fit_groups(w[r0:r0 + step].float().reshape(-1, ng, GROUP), levels)
+        pad = (-q.shape[0]) % _TILE
+        if pad:
+            q, dw, mw = (F.pad(t, (0, 0) * (t.dim() - 1) + (0, pad)) for t in (q, dw, mw))
+        tiles = q.shape[0] // _TILE
+        q = q.reshape(tiles, _TILE, ng, GROUP).transpose(1, 2)  # [tiles, groups, 16 rows, 32 inputs]
+        if bits == 4:  # byte (c, j, b) = q[j, 4c+b] | q[j, 16+4c+b] << 4
+            lo4, hi4 = (h.reshape(tiles, ng, _TILE, 4, 4).transpose(2, 3) for h in (q[..., :16], q[..., 16:]))
+            packed.append((lo4 | (hi4 << 4)).reshape(tiles, ng, 256))
+        else:  # byte (t, j, b) = q[j, 4t+b]
+            packed.append(q.reshape(tiles, ng, _TILE, 8, 4).transpose(2, 3).reshape(tiles, ng, 512))
+        dws.append(dw.reshape(tiles, _TILE, ng).transpose(1, 2))
+        mws.append(mw.reshape(tiles, _TILE, ng).transpose(1, 2))
+    return torch.cat(packed).contiguous(), torch.cat(dws).contiguous(), torch.cat(mws).contiguous()
+
+
+class GroupQuantLinear(_QuantLinear):
+    """4- or 8-bit group-wise weights x int8 group-wise activations on ember's VNNI kernel (`w4a8`).
+
+    Batch-1 decode reads 4.5-5 bits per weight here (llama.cpp's Q4_1 x Q8_0 scheme), and each activation
+    row is computed the same way whatever the batch, so results are batch-invariant."""
+
+    def __init__(self, linear: nn.Linear, bits: int = 4):
+        super().__init__(linear)
+        from ember.kernels import load_group_gemm
+
+        load_group_gemm()
+        qweight, dw, mw = _pack_groups(linear.weight.detach(), bits)
+        self.register_buffer("qweight", qweight)
+        self.register_buffer("dw", dw)
+        self.register_buffer("mw", mw)
+        self.bits = bits
+
+    def _mm(self, x2: torch.Tensor) -> torch.Tensor:
+        return torch.ops.ember.group_gemm(x2, self.qweight, self.dw, self.mw, self.bits, self.out_features)
+
+
 # With int4, two kinds of layer keep 8 bits (as llama.cpp's Q4_K_M keeps some tensors at 6-8 bits):
 # qkv_proj (small, and the output is sensitive to it) and down_proj (large K: torch's int8 kernel is faster
 # there than its int4 one). The lm_head stays int4: at 136M weights it is the largest read per token
 # (int8 27 ms vs int4 12 ms here). Qwen2.5-Coder-0.5B, mean KL to fp32 per token: 0.100 all-int4,
 # 0.055 with this choice, 0.032 with lm_head int8 as well.
 INT4_KEEP_INT8 = ("qkv_proj", "down_proj")
+# w4a8 keeps qkv_proj at 8 bits (4% of the weights). Qwen2.5-Coder-0.5B, mean KL to fp32 per token:
+# 0.083 all 4-bit, 0.049 with qkv 8-bit, 0.045 with down_proj too, 0.023 with qkv and lm_head 8-bit
+# (lm_head at 8 bits adds 68 MB read per token, ~2.5 ms).
+W4A8_KEEP_8BIT: tuple[str, ...] = ("qkv_proj",)
 
 
 def quantize_model(model: nn.Module, method: str) -> nn.Module:
@@ -129,5 +221,8 @@ def quantize_model(model: nn.Module, method: str) -> nn.Module:
             cls = Int4Linear
         parent_name, _, attr = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, attr, cls(linear))
+        if method == "w4a8":
+            setattr(parent, attr, GroupQuantLinear(linear, 8 if any(k in name for k in W4A8_KEEP_8BIT) else 4))
+        else:
+            setattr(parent, attr, cls(linear))
     return model

@@ -25,6 +25,7 @@ class RotaryEmbedding(nn.Module):
         self.config, self.head_dim, self.max_positions, self.layer_type = config, head_dim, max_positions, layer_type
         self.register_buffer("cos", torch.empty(0), persistent=False)
         self.register_buffer("sin", torch.empty(0), persistent=False)
+        self._memo = None
         self.build(self.cos.device)  # a no-op while the model is being created on the meta device
 
     def build(self, device) -> None:
@@ -35,6 +36,7 @@ class RotaryEmbedding(nn.Module):
         t = torch.arange(self.max_positions, dtype=torch.float32)
         freqs = torch.outer(t, inv_freq)
         emb = torch.cat([freqs, freqs], dim=-1)
+        self._memo = None
         self.cos = (emb.cos() * scale).to(device)
         self.sin = (emb.sin() * scale).to(device)
 
@@ -43,8 +45,19 @@ class RotaryEmbedding(nn.Module):
         x1, x2 = x.chunk(2, dim=-1)
         return torch.cat([-x2, x1], dim=-1)
 
+    def _cos_sin(self, positions: torch.Tensor, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin rows for these positions. Every layer of a step passes the same positions tensor, so the
+        rows are looked up once per step, not once per layer (small ops dominate CPU decode)."""
+        memo = self._memo
+        if memo is None or memo[0] is not positions or memo[1] != dtype:
+            cos = self.cos.index_select(0, positions).unsqueeze(1).to(dtype)  # (faster than cos[positions] on CPU)
+            sin = self.sin.index_select(0, positions).unsqueeze(1).to(dtype)
+            memo = self._memo = (positions, dtype, cos, sin)
+        return memo[2], memo[3]
+
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
-        """q: [T, H, D], k: [T, Hkv, D], positions: [T]."""
-        cos = self.cos.index_select(0, positions).unsqueeze(1).to(q.dtype)  # (faster than cos[positions] on CPU)
-        sin = self.sin.index_select(0, positions).unsqueeze(1).to(q.dtype)
-        return q * cos + self._rotate_half(q) * sin, k * cos + self._rotate_half(k) * sin
+        """q: [T, H, D], k: [T, Hkv, D], positions: [T]. q and k are rotated together, as one tensor."""
+        cos, sin = self._cos_sin(positions, q.dtype)
+        x = torch.cat([q, k], dim=1)
+        x = x * cos + self._rotate_half(x) * sin
+        return x[:, :q.shape[1]], x[:, q.shape[1]:]

@@ -1,0 +1,209 @@
+// Group-quantized GEMM for CPU decode: u4 or u8 weights x s8 activations, with AVX-512 VNNI.
+//
+// Why: batch-1 decode reads every weight once per token, so it is bound by memory bandwidth; torch's own
+// int4/int8 CPU kernels read more bytes per weight than llama.cpp's blocks and convert to bf16 on the way.
+// This kernel follows llama.cpp's Q4_1 x Q8_0 idea (groups of 32 along K, integer dot products) with a
+// layout made for VNNI: 16 output rows sit in the 16 int32 lanes of one register, so `vpdpbusd` adds four
+// k-products per lane and no horizontal sum is ever needed.
+//
+// Math, per output row n and activation row m, over groups g of 32 inputs:
+//   weight  w[n,k] ~= dw[n,g] * q[n,k] + mw[n,g]        (q unsigned: 0..15 or 0..255)
+//   input   x[m,k] ~= xd[m,g] * a[m,k]                  (a signed int8, per-group absmax scale)
+//   y[m,n]  = sum_g dw*xd * sum_k q*a  +  mw * (xd * sum_k a)
+// Each activation row is computed with the same instructions whatever the batch size, so a request's
+// result does not depend on what it is batched with.
+//
+// Layout (made by ember/layers/quantization.py, `_pack_groups`), per tile of 16 rows and group of 32:
+//   4-bit: 256 bytes = 4 chunks x 16 rows x 4 bytes; byte (c, j, b) = q[j, 4c+b] | q[j, 16+4c+b] << 4
+//   8-bit: 512 bytes = 8 chunks x 16 rows x 4 bytes; byte (t, j, b) = q[j, 4t+b]
+//   dw, mw: fp16 [tiles][groups][16]
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#if defined(__AVX512F__) && defined(__AVX512VNNI__) && defined(__AVX512BW__)
+#include <immintrin.h>
+#define EMBER_VNNI 1
+#else
+#define EMBER_VNNI 0
+#endif
+
+namespace {
+
+constexpr int64_t G = 32;  // inputs per group
+constexpr int64_t T = 16;  // output rows per tile
+constexpr int64_t MB = 4;  // activation rows per pass over a weight tile
+
+// Per group of 32: symmetric int8 with scale absmax/127; xs keeps xd * sum(a) for the weights' offset.
+void quantize_activations(const float* x, int64_t M, int64_t K, int8_t* xq, float* xd, float* xs) {
+  const int64_t ng = K / G;
+  at::parallel_for(0, M, 16, [&](int64_t m0, int64_t m1) {
+    for (int64_t m = m0; m < m1; ++m) {
+      for (int64_t g = 0; g < ng; ++g) {
+        const float* v = x + m * K + g * G;
+        float amax = 0.f;
+        for (int64_t k = 0; k < G; ++k) amax = std::fmax(amax, std::fabs(v[k]));
+        const float d = amax / 127.f;
+        const float inv = d > 0.f ? 1.f / d : 0.f;
+        int32_t sum = 0;
+        int8_t* q = xq + m * K + g * G;
+        for (int64_t k = 0; k < G; ++k) {
+          const int32_t a = static_cast<int32_t>(std::nearbyint(v[k] * inv));
+          q[k] = static_cast<int8_t>(a);
+          sum += a;
+        }
+        xd[m * ng + g] = d;
+        xs[m * ng + g] = d * static_cast<float>(sum);
+      }
+    }
+  });
+}
+
+#if EMBER_VNNI
+// One tile of 16 output rows against NM (1..4) activation rows.
+template <int BITS, int NM>
+void tile_vnni(const uint8_t* w, const at::Half* dw, const at::Half* mw, int64_t ng, const int8_t* xq,
+               const float* xd, const float* xs, int64_t K, float* y, int64_t ldy, int64_t rows) {
+  __m512 acc[NM];
+  for (int m = 0; m < NM; ++m) acc[m] = _mm512_setzero_ps();
+  const __m512i low4 = _mm512_set1_epi8(0x0F);
+  constexpr int64_t bytes = BITS == 4 ? 256 : 512;
+  for (int64_t g = 0; g < ng; ++g) {
+    const uint8_t* p = w + g * bytes;
+    for (int64_t off = 0; off < bytes; off += 64) _mm_prefetch(reinterpret_cast<const char*>(p + 4 * bytes + off), _MM_HINT_T0);
+    __m512i wv[8];
+    if constexpr (BITS == 4) {
+      for (int c = 0; c < 4; ++c) {
+        const __m512i raw = _mm512_loadu_si512(p + 64 * c);
+        wv[c] = _mm512_and_si512(raw, low4);
+        wv[c + 4] = _mm512_and_si512(_mm512_srli_epi16(raw, 4), low4);
+      }
+    } else {
+      for (int t = 0; t < 8; ++t) wv[t] = _mm512_loadu_si512(p + 64 * t);
+    }
+    const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(dw + g * T)));
+    const __m512 mn = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(mw + g * T)));
+    for (int m = 0; m < NM; ++m) {
+      const int8_t* a = xq + m * K + g * G;
+      __m512i s0 = _mm512_setzero_si512(), s1 = _mm512_setzero_si512();  // two chains: dpbusd latency
+      for (int t = 0; t < 8; t += 2) {
+        int32_t a0, a1;
+        std::memcpy(&a0, a + 4 * t, 4);
+        std::memcpy(&a1, a + 4 * t + 4, 4);
+        s0 = _mm512_dpbusd_epi32(s0, wv[t], _mm512_set1_epi32(a0));
+        s1 = _mm512_dpbusd_epi32(s1, wv[t + 1], _mm512_set1_epi32(a1));
+      }
+      const __m512i s = _mm512_add_epi32(s0, s1);
+      const __m512 scale = _mm512_mul_ps(d, _mm512_set1_ps(xd[m * ng + g]));
+      acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), scale, acc[m]);
+      acc[m] = _mm512_fmadd_ps(mn, _mm512_set1_ps(xs[m * ng + g]), acc[m]);
+    }
+  }
+  const __mmask16 keep = rows >= T ? 0xFFFF : static_cast<__mmask16>((1u << rows) - 1);
+  for (int m = 0; m < NM; ++m) _mm512_mask_storeu_ps(y + m * ldy, keep, acc[m]);
+}
+#endif
+
+// Portable fallback with the same math (no VNNI): slower, used only where the CPU lacks AVX-512 VNNI.
+template <int BITS>
+void tile_scalar(const uint8_t* w, const at::Half* dw, const at::Half* mw, int64_t ng, const int8_t* xq,
+                 const float* xd, const float* xs, int64_t K, float* y, int64_t ldy, int64_t rows, int nm) {
+  constexpr int64_t bytes = BITS == 4 ? 256 : 512;
+  for (int m = 0; m < nm; ++m) {
+    float acc[T] = {0.f};
+    for (int64_t g = 0; g < ng; ++g) {
+      const uint8_t* p = w + g * bytes;
+      const int8_t* a = xq + m * K + g * G;
+      for (int64_t j = 0; j < T; ++j) {
+        int32_t s = 0;
+        for (int64_t k = 0; k < G; ++k) {
+          int32_t q;
+          if constexpr (BITS == 4) {
+            const int64_t c = (k % 16) / 4, b = k % 4;
+            const uint8_t byte = p[(c * T + j) * 4 + b];
+            q = k < 16 ? (byte & 0x0F) : (byte >> 4);
+          } else {
+            q = p[((k / 4) * T + j) * 4 + k % 4];
+          }
+          s += q * a[k];
+        }
+        const float d = static_cast<float>(dw[g * T + j]), mn = static_cast<float>(mw[g * T + j]);
+        acc[j] = std::fma(static_cast<float>(s), d * xd[m * ng + g], acc[j]);
+        acc[j] = std::fma(mn, xs[m * ng + g], acc[j]);
+      }
+    }
+    for (int64_t j = 0; j < rows; ++j) y[m * ldy + j] = acc[j];
+  }
+}
+
+template <int BITS>
+void run_tile(const uint8_t* w, const at::Half* dw, const at::Half* mw, int64_t ng, const int8_t* xq,
+              const float* xd, const float* xs, int64_t K, float* y, int64_t ldy, int64_t rows, int nm) {
+#if EMBER_VNNI
+  switch (nm) {
+    case 1: return tile_vnni<BITS, 1>(w, dw, mw, ng, xq, xd, xs, K, y, ldy, rows);
+    case 2: return tile_vnni<BITS, 2>(w, dw, mw, ng, xq, xd, xs, K, y, ldy, rows);
+    case 3: return tile_vnni<BITS, 3>(w, dw, mw, ng, xq, xd, xs, K, y, ldy, rows);
+    default: return tile_vnni<BITS, 4>(w, dw, mw, ng, xq, xd, xs, K, y, ldy, rows);
+  }
+#else
+  tile_scalar<BITS>(w, dw, mw, ng, xq, xd, xs, K, y, ldy, rows, nm);
+#endif
+}
+
+// x [M, K] float32; qweight uint8 [tiles, K/32, 256|512]; dw, mw fp16 [tiles, K/32, 16]; returns [M, n].
+at::Tensor group_gemm(const at::Tensor& x_in, const at::Tensor& qweight, const at::Tensor& dw,
+                      const at::Tensor& mw, int64_t bits, int64_t n) {
+  TORCH_CHECK(bits == 4 || bits == 8, "bits must be 4 or 8");
+  TORCH_CHECK(x_in.dim() == 2, "x must be 2-D");
+  const at::Tensor x = x_in.to(at::kFloat).contiguous();
+  const int64_t M = x.size(0), K = x.size(1), ng = K / G, tiles = qweight.size(0);
+  TORCH_CHECK(K % G == 0 && qweight.size(1) == ng && qweight.size(2) == (bits == 4 ? 256 : 512),
+              "weight layout does not match x");
+  TORCH_CHECK(tiles * T >= n && qweight.is_contiguous() && dw.is_contiguous() && mw.is_contiguous());
+  at::Tensor xq = at::empty({M, K}, x.options().dtype(at::kChar));
+  at::Tensor xd = at::empty({M, ng}, x.options());
+  at::Tensor xs = at::empty({M, ng}, x.options());
+  quantize_activations(x.data_ptr<float>(), M, K, xq.data_ptr<int8_t>(), xd.data_ptr<float>(), xs.data_ptr<float>());
+  at::Tensor y = at::empty({M, n}, x.options());
+  const uint8_t* wp = qweight.data_ptr<uint8_t>();
+  const at::Half* dp = dw.data_ptr<at::Half>();
+  const at::Half* mp = mw.data_ptr<at::Half>();
+  const int8_t* xqp = xq.data_ptr<int8_t>();
+  const float *xdp = xd.data_ptr<float>(), *xsp = xs.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  const int64_t tile_bytes = qweight.size(1) * qweight.size(2);
+  // Tiles are split between threads; a tile's weights stay in cache while every activation row passes.
+  at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t rows = std::min<int64_t>(T, n - t * T);
+      for (int64_t m0 = 0; m0 < M; m0 += MB) {
+        const int nm = static_cast<int>(std::min<int64_t>(MB, M - m0));
+        const uint8_t* w = wp + t * tile_bytes;
+        const at::Half* d = dp + t * ng * T;
+        const at::Half* mn = mp + t * ng * T;
+        const int8_t* a = xqp + m0 * K;
+        float* out = yp + m0 * n + t * T;
+        if (bits == 4)
+          run_tile<4>(w, d, mn, ng, a, xdp + m0 * ng, xsp + m0 * ng, K, out, n, rows, nm);
+        else
+          run_tile<8>(w, d, mn, ng, a, xdp + m0 * ng, xsp + m0 * ng, K, out, n, rows, nm);
+      }
+    }
+  });
+  return y;
+}
+
+bool has_vnni_kernel() { return EMBER_VNNI; }
+
+}  // namespace
+
+TORCH_LIBRARY(ember, m) {
+  m.def("group_gemm(Tensor x, Tensor qweight, Tensor dw, Tensor mw, int bits, int n) -> Tensor");
+  m.def("has_vnni_kernel", &has_vnni_kernel);
+}
+
+TORCH_LIBRARY_IMPL(ember, CPU, m) { m.impl("group_gemm", group_gemm); }
