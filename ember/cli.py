@@ -57,6 +57,8 @@ HELP: dict[str, str] = {
     "quantization": "CPU quantization: int8 or int4 (weight-only), w8a8_int8 (int8 weights and activations, "
                     "fastest for batched decode), w4a8 (4-bit group weights x int8 activations on ember's "
                     "VNNI kernel, fastest at batch 1); default: none, exact weights.",
+    "disable_fused_decode": "Run w4a8 decode steps of Llama-family models through torch ops instead of the "
+                            "fused C++ decode step (for comparison; both compute the same layers).",
     "sampling_defaults": "Where unset sampling fields of OpenAI requests come from: `model` (the model's "
                          "generation_config.json, the default) or `openai` (temperature 1, top_p 1, ...).",
     "random_seed": "Random seed for sampling.",

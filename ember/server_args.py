@@ -41,6 +41,7 @@ class ServerArgs:
     speculative_num_draft_tokens: int | None = None
     enable_multi_layer_eagle: bool = False
     quantization: str | None = None  # int8 | int4 | w8a8_int8 | w4a8: CPU only (fp32 stays exact)
+    disable_fused_decode: bool = False  # w4a8 Llama/Qwen2 decode steps: the torch path instead of the fused C++ one
     # "model": sampling fields a request leaves unset come from the model's generation_config.json
     # (as SGLang and vLLM do); "openai": the OpenAI API defaults (temperature 1, top_p 1, ...)
     sampling_defaults: str = "model"

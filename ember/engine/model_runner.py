@@ -59,6 +59,8 @@ class ModelRunner:
         self.page_size = server_args.page_size
         self.window = self.model.sliding_window()
         self.kv_cache = self._make_kv_cache(server_args)
+        from ember.layers.fused_decode import maybe_fused_decoder
+        self.fused_decoder = maybe_fused_decoder(self.model, self.kv_cache, not server_args.disable_fused_decode)
 
     def _make_kv_cache(self, args) -> KVCache:
         groups = self.model.kv_groups()
@@ -136,10 +138,17 @@ class ModelRunner:
             attn[g] = AttentionMetadata(
                 write_slots=write_slots.to(self.device), kv_slots=kv_slots.to(self.device),
                 mask=None if mask is None else mask.unsqueeze(1).to(self.device), q_pad_index=q_pad_index.to(self.device),
-                batch_size=B, max_q=max_q)
+                kv_lens=k_len.to(self.device), batch_size=B, max_q=max_q)
         logit_index = torch.cumsum(q_len, 0) - 1
         return ForwardBatch(input_ids.to(self.device), positions.to(self.device), attn, self.kv_cache,
                             logit_index.to(self.device))
+
+    def _logits(self, batch: ForwardBatch) -> torch.Tensor:
+        """The model on one batch: logits at batch.logit_index (decode batches fused where that applies)."""
+        if self.fused_decoder is not None and self.fused_decoder.applies_to(batch):
+            with torch.inference_mode():
+                return self.model.compute_logits(self.fused_decoder(batch).index_select(0, batch.logit_index))
+        return self.model(batch)
 
     def forward(self, reqs, extend_lens, all_positions: bool = False, full_rows: list[bool] | None = None):
         """Logits (float32) at each request's last scheduled token: [B, vocab].
@@ -149,9 +158,9 @@ class ModelRunner:
         batch = self.build_batch(reqs, extend_lens)
         if all_positions:
             batch.logit_index = torch.arange(batch.input_ids.shape[0], device=self.device)
-            return self.model(batch)
+            return self._logits(batch)
         if not full_rows or not any(full_rows):
-            return self.model(batch)
+            return self._logits(batch)
         ends = torch.cumsum(torch.tensor(extend_lens), 0)
         index, spans = [], {}
         for i, (n, end, full) in enumerate(zip(extend_lens, ends.tolist(), full_rows)):
@@ -159,6 +168,6 @@ class ModelRunner:
             index.extend(range(end - n, end) if full else [end - 1])
             spans[i] = (start, len(index))
         batch.logit_index = torch.tensor(index, device=self.device)
-        logits = self.model(batch)
+        logits = self._logits(batch)
         last = logits[torch.tensor([b - 1 for _, b in spans.values()], device=self.device)]
         return last, {i: logits[a:b] for i, (a, b) in spans.items() if full_rows[i]}

@@ -1,8 +1,9 @@
 """C++ kernels, compiled on first use for the CPU they run on (torch.utils.cpp_extension, cached).
 
-`load_group_gemm()` builds `vnni_gemm.cpp` with `-march=native` (so AVX-512 VNNI is used where the CPU has
-it, a portable loop where it does not) and registers `torch.ops.ember.group_gemm`. The build takes about a
-minute once; the result is cached under ~/.cache/torch_extensions, keyed by the source and the CPU's flags.
+`load_group_gemm()` builds `vnni_gemm.cpp` (the group-quantized GEMM, `torch.ops.ember.group_gemm`) and
+`fused_decode.cpp` (a whole decode step around it, `torch.classes.ember.DecodeStack`) with `-march=native`,
+so AVX-512 VNNI is used where the CPU has it and a portable loop where it does not. The build takes about a
+minute once; the result is cached under ~/.cache/torch_extensions, keyed by the sources and the CPU's flags.
 """
 from __future__ import annotations
 
@@ -35,11 +36,14 @@ def load_group_gemm() -> None:
             return
         from torch.utils import cpp_extension
 
-        src = Path(__file__).with_name("vnni_gemm.cpp")
-        name = f"ember_vnni_gemm_{_cpu_key()}"
+        here = Path(__file__).parent
+        sources = [here / "vnni_gemm.cpp", here / "fused_decode.cpp"]
+        # the name keys the cache: a changed source or header, or another CPU, builds anew
+        digest = hashlib.sha1(b"".join(p.read_bytes() for p in [*sources, here / "group_gemm.h"])).hexdigest()[:8]
+        name = f"ember_kernels_{_cpu_key()}_{digest}"
         try:
-            cpp_extension.load(name=name, sources=[str(src)], extra_cflags=["-O3", "-march=native"],
-                               is_python_module=False, verbose=False)
+            cpp_extension.load(name=name, sources=[str(p) for p in sources], extra_cflags=["-O3", "-march=native"],
+                               extra_include_paths=[str(here)], is_python_module=False, verbose=False)
         except Exception as exc:  # noqa: BLE001 - surface the build failure with the reason
             raise RuntimeError(f"building the group-quantized CPU kernel failed (needs g++ and ninja): {exc}") from exc
         _loaded = True

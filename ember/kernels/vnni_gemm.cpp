@@ -17,7 +17,8 @@
 //   4-bit: 256 bytes = 4 chunks x 16 rows x 4 bytes; byte (c, j, b) = q[j, 4c+b] | q[j, 16+4c+b] << 4
 //   8-bit: 512 bytes = 8 chunks x 16 rows x 4 bytes; byte (t, j, b) = q[j, 4t+b]
 //   dw, mw: fp16 [tiles][groups][16]
-#include <ATen/ATen.h>
+#include "group_gemm.h"
+
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -31,11 +32,12 @@
 #define EMBER_VNNI 0
 #endif
 
+namespace ember {
 namespace {
 
-constexpr int64_t G = 32;  // inputs per group
-constexpr int64_t T = 16;  // output rows per tile
-constexpr int64_t MB = 4;  // activation rows per pass over a weight tile
+constexpr int64_t G = kGroup;  // inputs per group
+constexpr int64_t T = 16;      // output rows per tile
+constexpr int64_t MB = 4;      // activation rows per pass over a weight tile
 
 // Per group of 32: symmetric int8 with scale absmax/127; xs keeps xd * sum(a) for the weights' offset.
 void quantize_activations(const float* x, int64_t M, int64_t K, int8_t* xq, float* xd, float* xs) {
@@ -154,56 +156,67 @@ void run_tile(const uint8_t* w, const at::Half* dw, const at::Half* mw, int64_t 
 #endif
 }
 
+}  // namespace
+
+GroupWeight group_weight(const at::Tensor& qweight, const at::Tensor& dw, const at::Tensor& mw, int64_t n) {
+  TORCH_CHECK(qweight.dim() == 3 && (qweight.size(2) == 256 || qweight.size(2) == 512), "not a group-quantized weight");
+  TORCH_CHECK(qweight.size(0) * T >= n && qweight.is_contiguous() && dw.is_contiguous() && mw.is_contiguous());
+  return {qweight.data_ptr<uint8_t>(), dw.data_ptr<at::Half>(), mw.data_ptr<at::Half>(),
+          qweight.size(2) == 256 ? 4 : 8, n, qweight.size(1) * G, qweight.size(0)};
+}
+
+void group_gemm_rows(const float* x, int64_t M, const GroupWeight& w, float* y, int8_t* xq, float* xd, float* xs) {
+  const int64_t K = w.k, ng = K / G, n = w.n;
+  quantize_activations(x, M, K, xq, xd, xs);
+  const int64_t tile_bytes = ng * (w.bits == 4 ? 256 : 512);
+  // Tiles are split between threads; a tile's weights stay in cache while every activation row passes.
+  at::parallel_for(0, w.tiles, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t rows = std::min<int64_t>(T, n - t * T);
+      for (int64_t m0 = 0; m0 < M; m0 += MB) {
+        const int nm = static_cast<int>(std::min<int64_t>(MB, M - m0));
+        const uint8_t* wt = w.q + t * tile_bytes;
+        const at::Half* d = w.dw + t * ng * T;
+        const at::Half* mn = w.mw + t * ng * T;
+        const int8_t* a = xq + m0 * K;
+        float* out = y + m0 * n + t * T;
+        if (w.bits == 4)
+          run_tile<4>(wt, d, mn, ng, a, xd + m0 * ng, xs + m0 * ng, K, out, n, rows, nm);
+        else
+          run_tile<8>(wt, d, mn, ng, a, xd + m0 * ng, xs + m0 * ng, K, out, n, rows, nm);
+      }
+    }
+  });
+}
+
+namespace {
+
 // x [M, K] float32; qweight uint8 [tiles, K/32, 256|512]; dw, mw fp16 [tiles, K/32, 16]; returns [M, n].
 at::Tensor group_gemm(const at::Tensor& x_in, const at::Tensor& qweight, const at::Tensor& dw,
                       const at::Tensor& mw, int64_t bits, int64_t n) {
   TORCH_CHECK(bits == 4 || bits == 8, "bits must be 4 or 8");
   TORCH_CHECK(x_in.dim() == 2, "x must be 2-D");
   const at::Tensor x = x_in.to(at::kFloat).contiguous();
-  const int64_t M = x.size(0), K = x.size(1), ng = K / G, tiles = qweight.size(0);
-  TORCH_CHECK(K % G == 0 && qweight.size(1) == ng && qweight.size(2) == (bits == 4 ? 256 : 512),
-              "weight layout does not match x");
-  TORCH_CHECK(tiles * T >= n && qweight.is_contiguous() && dw.is_contiguous() && mw.is_contiguous());
+  const GroupWeight w = group_weight(qweight, dw, mw, n);
+  const int64_t M = x.size(0), K = x.size(1);
+  TORCH_CHECK(K == w.k && w.bits == bits, "weight layout does not match x");
   at::Tensor xq = at::empty({M, K}, x.options().dtype(at::kChar));
-  at::Tensor xd = at::empty({M, ng}, x.options());
-  at::Tensor xs = at::empty({M, ng}, x.options());
-  quantize_activations(x.data_ptr<float>(), M, K, xq.data_ptr<int8_t>(), xd.data_ptr<float>(), xs.data_ptr<float>());
+  at::Tensor xd = at::empty({M, K / G}, x.options());
+  at::Tensor xs = at::empty({M, K / G}, x.options());
   at::Tensor y = at::empty({M, n}, x.options());
-  const uint8_t* wp = qweight.data_ptr<uint8_t>();
-  const at::Half* dp = dw.data_ptr<at::Half>();
-  const at::Half* mp = mw.data_ptr<at::Half>();
-  const int8_t* xqp = xq.data_ptr<int8_t>();
-  const float *xdp = xd.data_ptr<float>(), *xsp = xs.data_ptr<float>();
-  float* yp = y.data_ptr<float>();
-  const int64_t tile_bytes = qweight.size(1) * qweight.size(2);
-  // Tiles are split between threads; a tile's weights stay in cache while every activation row passes.
-  at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
-    for (int64_t t = t0; t < t1; ++t) {
-      const int64_t rows = std::min<int64_t>(T, n - t * T);
-      for (int64_t m0 = 0; m0 < M; m0 += MB) {
-        const int nm = static_cast<int>(std::min<int64_t>(MB, M - m0));
-        const uint8_t* w = wp + t * tile_bytes;
-        const at::Half* d = dp + t * ng * T;
-        const at::Half* mn = mp + t * ng * T;
-        const int8_t* a = xqp + m0 * K;
-        float* out = yp + m0 * n + t * T;
-        if (bits == 4)
-          run_tile<4>(w, d, mn, ng, a, xdp + m0 * ng, xsp + m0 * ng, K, out, n, rows, nm);
-        else
-          run_tile<8>(w, d, mn, ng, a, xdp + m0 * ng, xsp + m0 * ng, K, out, n, rows, nm);
-      }
-    }
-  });
+  group_gemm_rows(x.data_ptr<float>(), M, w, y.data_ptr<float>(), xq.data_ptr<int8_t>(), xd.data_ptr<float>(),
+                  xs.data_ptr<float>());
   return y;
 }
 
 bool has_vnni_kernel() { return EMBER_VNNI; }
 
 }  // namespace
+}  // namespace ember
 
-TORCH_LIBRARY(ember, m) {
+TORCH_LIBRARY_FRAGMENT(ember, m) {
   m.def("group_gemm(Tensor x, Tensor qweight, Tensor dw, Tensor mw, int bits, int n) -> Tensor");
-  m.def("has_vnni_kernel", &has_vnni_kernel);
+  m.def("has_vnni_kernel", &ember::has_vnni_kernel);
 }
 
-TORCH_LIBRARY_IMPL(ember, CPU, m) { m.impl("group_gemm", group_gemm); }
+TORCH_LIBRARY_IMPL(ember, CPU, m) { m.impl("group_gemm", ember::group_gemm); }

@@ -22,6 +22,7 @@ class AttentionMetadata:
     kv_slots: torch.Tensor  # [B, max_k] slots of the keys each request attends to (padding -> slot 0)
     mask: torch.Tensor | None  # [B, 1, max_q, max_k] bool, True = attend; None: attend to every key
     q_pad_index: torch.Tensor  # [T] position of each new token in the flattened [B * max_q] layout
+    kv_lens: torch.Tensor  # [B] keys each request attends to (the first kv_lens[b] of its kv_slots row)
     batch_size: int
     max_q: int
 

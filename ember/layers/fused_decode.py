@@ -1,0 +1,115 @@
+"""Decode steps of Llama-family models with `w4a8` weights in one C++ call (ember/kernels/fused_decode.cpp).
+
+At batch 1 the GEMMs of a w4a8 decode step are ~13 ms and the ~1,000 small torch ops around them (norms,
+rotary, residuals, KV writes, SDPA) were ~9 ms more, spent in dispatch rather than math. `FusedDecoder`
+hands the whole stack of layers to one C++ object that holds pointers to the same weights and KV pages,
+so a decode step is: embedding lookup (torch), every layer and the final norm (C++), lm_head (torch).
+
+It covers what the Llama decoder layer does (Llama, Mistral, Qwen2: RMSNorm, q/k/v with optional bias,
+rotate-half RoPE from the model's own tables, full attention, SiLU-gated MLP) when every linear is a
+`GroupQuantLinear`; anything else (other architectures, sliding windows, other quantizations, GPU) keeps the
+torch path. Prefill and mixed batches always take the torch path.
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.nn.functional as F
+
+from ember.layers.quantization import GroupQuantLinear
+from ember.models.llama import LlamaDecoderLayer, LlamaForCausalLM
+from ember.models.qwen2 import Qwen2DecoderLayer
+
+logger = logging.getLogger("ember.engine")
+
+# Exact classes: a subclass may change what a layer computes (Qwen3's q/k norms, Gemma's sandwich norms).
+_LAYERS = (LlamaDecoderLayer, Qwen2DecoderLayer)
+
+
+def unsupported_reason(model, kv_cache) -> str | None:
+    """Why this model cannot take the fused decode path (None: it can)."""
+    if not isinstance(model, LlamaForCausalLM):
+        return f"{type(model).__name__} is not a Llama-family model"
+    layers = list(model.model.layers)
+    if any(type(layer) not in _LAYERS for layer in layers):
+        return "its decoder layers differ from Llama's"
+    if model.sliding_window() is not None or list(kv_cache.groups) != ["full"]:
+        return "it has sliding-window layers"
+    for layer in layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        linears = (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
+        if not all(isinstance(m, GroupQuantLinear) for m in linears):
+            return "its linears are not w4a8 group-quantized"
+        if attn.o_proj.bias is not None or mlp.gate_up_proj.bias is not None or mlp.down_proj.bias is not None:
+            return "o_proj or the MLP has a bias"
+        if mlp.act is not F.silu:
+            return "its MLP activation is not SiLU"
+        if attn.attn.scale != layers[0].self_attn.attn.scale:
+            return "its layers use different attention scales"
+    norms = [n for layer in layers for n in (layer.input_layernorm, layer.post_attention_layernorm)] + [model.model.norm]
+    if any(n.unit_offset or n.eps != norms[0].eps or n.weight.dtype != torch.float32 for n in norms):
+        return "its norms differ (offset weights, mixed eps or dtype)"
+    k0, _ = kv_cache.layer(0)
+    if k0.device.type != "cpu" or k0.dtype != torch.float32:
+        return "its KV cache is not float32 on the CPU"
+    return None
+
+
+def _linear(m: GroupQuantLinear) -> list[torch.Tensor]:
+    bias = m.bias.detach().float().contiguous() if m.bias is not None else torch.empty(0)
+    return [m.qweight, m.dw, m.mw, bias]
+
+
+class FusedDecoder:
+    """The decoder layers and final norm of `model` as one C++ DecodeStack sharing its weights and KV pages."""
+
+    def __init__(self, model, kv_cache):
+        reason = unsupported_reason(model, kv_cache)
+        if reason:
+            raise ValueError(f"fused decode does not apply: {reason}")
+        from ember.kernels import load_group_gemm
+
+        load_group_gemm()
+        cfg, layers = model.config, list(model.model.layers)
+        first = layers[0].self_attn
+        tensors: list[torch.Tensor] = []
+        for i, layer in enumerate(layers):
+            attn, mlp = layer.self_attn, layer.mlp
+            k_cache, v_cache = kv_cache.layer(i)
+            tensors += [layer.input_layernorm.weight.detach(), *_linear(attn.qkv_proj), *_linear(attn.o_proj)[:3],
+                        layer.post_attention_layernorm.weight.detach(), *_linear(mlp.gate_up_proj)[:3],
+                        *_linear(mlp.down_proj)[:3], k_cache, v_cache]
+        rotary = first.rotary[0]
+        tensors += [model.model.norm.weight.detach(), rotary.cos, rotary.sin]
+        dims = [len(layers), cfg.hidden_size, first.num_heads, first.num_kv_heads, first.head_dim,
+                layers[0].mlp.intermediate_size]
+        self.stack = torch.classes.ember.DecodeStack(tensors, dims, float(model.model.norm.eps),
+                                                     float(first.attn.scale))
+        self.embed = model.model.embed_tokens
+
+    @staticmethod
+    def applies_to(batch) -> bool:
+        """A pure decode batch: every request brings exactly one new token."""
+        meta = batch.attn["full"]
+        return meta.max_q == 1 and batch.input_ids.shape[0] == meta.batch_size
+
+    @torch.inference_mode()
+    def __call__(self, batch) -> torch.Tensor:
+        """Final-normed hidden states, one row per request: [B, hidden]."""
+        meta = batch.attn["full"]
+        return self.stack.forward(self.embed(batch.input_ids), batch.positions, meta.write_slots, meta.kv_slots,
+                                  meta.kv_lens)
+
+
+def maybe_fused_decoder(model, kv_cache, enabled: bool = True) -> FusedDecoder | None:
+    """A FusedDecoder where it applies (logging why not where the model is w4a8 but cannot take it)."""
+    if not enabled:
+        return None
+    reason = unsupported_reason(model, kv_cache)
+    if reason is None:
+        logger.info("decode steps run fused (ember/kernels/fused_decode.cpp)")
+        return FusedDecoder(model, kv_cache)
+    if any(isinstance(m, GroupQuantLinear) for m in model.modules()):
+        logger.info("w4a8 decode takes the torch path: %s", reason)
+    return None
