@@ -7,6 +7,8 @@ in the batch. Work that no request in the batch asks for is skipped.
 """
 from __future__ import annotations
 
+from collections import Counter
+
 import torch
 
 from ember.engine.request import Req
@@ -37,29 +39,32 @@ class Sampler:
             for i in ban:
                 banned = list(stop_ids | set(sps[i].stop_token_ids))
                 logits[i, banned] = float("-inf")
+        # Penalties touch only the tokens a request has seen: sparse (row, token) pairs, not [B, V] passes
+        # (with the model's default repetition_penalty they run on every step of every request).
         if any(sp.frequency_penalty or sp.presence_penalty for sp in sps):
-            counts = self._token_counts([r.output_ids for r in reqs], V, logits.device)
-            freq = self._col([sp.frequency_penalty for sp in sps])
-            pres = self._col([sp.presence_penalty for sp in sps])
-            logits -= freq * counts + pres * (counts > 0).float()
+            rows, cols, counts = self._seen_tokens([r.output_ids for r in reqs], V)
+            if rows:
+                freq = torch.tensor([sps[i].frequency_penalty for i in rows], device=logits.device)
+                pres = torch.tensor([sps[i].presence_penalty for i in rows], device=logits.device)
+                cnt = torch.tensor(counts, dtype=torch.float32, device=logits.device)
+                logits[rows, cols] -= freq * cnt + pres
         if any(sp.repetition_penalty != 1.0 for sp in sps):
-            seen = self._token_counts([r.token_ids for r in reqs], V, logits.device) > 0
-            rep = self._col([sp.repetition_penalty for sp in sps]).expand(B, V)
-            penalized = torch.where(logits > 0, logits / rep, logits * rep)
-            logits = torch.where(seen, penalized, logits)
+            rows, cols, _ = self._seen_tokens([r.token_ids for r in reqs], V)
+            if rows:
+                rep = torch.tensor([sps[i].repetition_penalty for i in rows], device=logits.device)
+                vals = logits[rows, cols]
+                logits[rows, cols] = torch.where(vals > 0, vals / rep, vals * rep)
         return logits
 
     @staticmethod
-    def _token_counts(id_lists: list[list[int]], V: int, device) -> torch.Tensor:
-        B = len(id_lists)
-        longest = max((len(x) for x in id_lists), default=0)
-        counts = torch.zeros(B, V + 1, device=device)
-        if longest:
-            idx = torch.full((B, longest), V, dtype=torch.long)  # column V collects the padding
-            for i, ids in enumerate(id_lists):
-                idx[i, :len(ids)] = torch.tensor(ids, dtype=torch.long)
-            counts.scatter_add_(1, idx.to(device), torch.ones(B, longest, device=device))
-        return counts[:, :V]
+    def _seen_tokens(id_lists: list[list[int]], V: int) -> tuple[list[int], list[int], list[int]]:
+        """Each distinct (row, token id < V) pair in id_lists, with its count: (rows, token ids, counts)."""
+        rows, cols, counts = [], [], []
+        for i, ids in enumerate(id_lists):
+            for tok, n in Counter(ids).items():
+                if tok < V:
+                    rows.append(i), cols.append(tok), counts.append(n)
+        return rows, cols, counts
 
     def sample(self, logits: torch.Tensor, reqs: list[Req], grammar_mask=None):
         """logits: [B, V] float32 (raw model output). Returns (next_ids [B] list, logprob info or None).
