@@ -96,6 +96,35 @@ class ModelRunner:
 
     # ------------------------------------------------------------------ batch -> tensors
     def build_batch(self, reqs, extend_lens) -> ForwardBatch:
+        if max(extend_lens) == 1 and self.kv_cache.groups == ["full"]:
+            return self._decode_batch(reqs)
+        return self._general_batch(reqs, extend_lens)
+
+    def _decode_batch(self, reqs) -> ForwardBatch:
+        """What _general_batch builds when every request brings one token and all layers attend fully (the
+        common step), with a few torch ops instead of ~30: at batch 1 their dispatch cost was ~0.5 ms."""
+        P, B = self.page_size, len(reqs)
+        pos = [r.kv_len for r in reqs]
+        tables = [r.page_tables["full"] for r in reqs]
+        width = max(len(t) for t in tables)
+        pt = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.long)  # [B, width]
+        max_k = max(pos) + 1
+        kv_slots = (pt.unsqueeze(2) * P + torch.arange(P)).reshape(B, -1)[:, :max_k]
+        k_len = torch.tensor([p + 1 for p in pos])
+        mask = None
+        if min(pos) + 1 < max_k:  # unequal lengths: padding keys read slot 0 and are masked out
+            valid = torch.arange(max_k).unsqueeze(0) < k_len.unsqueeze(1)
+            kv_slots = torch.where(valid, kv_slots, torch.zeros_like(kv_slots))
+            mask = valid.view(B, 1, 1, max_k).to(self.device)
+        write_slots = torch.tensor([t[p // P] * P + p % P for t, p in zip(tables, pos)])
+        rows = torch.arange(B, device=self.device)
+        meta = AttentionMetadata(write_slots=write_slots.to(self.device), kv_slots=kv_slots.contiguous().to(self.device),
+                                 mask=mask, q_pad_index=rows, kv_lens=k_len.to(self.device), batch_size=B, max_q=1)
+        input_ids = torch.tensor([r.token_ids[p] for r, p in zip(reqs, pos)])
+        return ForwardBatch(input_ids.to(self.device), torch.tensor(pos).to(self.device), {"full": meta}, self.kv_cache,
+                            rows)
+
+    def _general_batch(self, reqs, extend_lens) -> ForwardBatch:
         P = self.page_size
         B = len(reqs)
         q_start = torch.tensor([r.kv_len for r in reqs])

@@ -38,6 +38,9 @@ namespace {
 constexpr int64_t G = kGroup;  // inputs per group
 constexpr int64_t T = 16;      // output rows per tile
 constexpr int64_t MB = 4;      // activation rows per pass over a weight tile
+// How far ahead of the group being read its weights are prefetched. The hardware prefetchers stop at 4 KB
+// pages; 1 KB ahead reached ~8 GB/s per socket on a 2-core Xeon VM, 16 KB ahead ~14 GB/s (32-64 KB: no better).
+constexpr int64_t kPrefetch = 16384;
 
 // Per group of 32: symmetric int8 with scale absmax/127; xs keeps xd * sum(a) for the weights' offset.
 void quantize_activations(const float* x, int64_t M, int64_t K, int8_t* xq, float* xd, float* xs) {
@@ -75,7 +78,7 @@ void tile_vnni(const uint8_t* w, const at::Half* dw, const at::Half* mw, int64_t
   constexpr int64_t bytes = BITS == 4 ? 256 : 512;
   for (int64_t g = 0; g < ng; ++g) {
     const uint8_t* p = w + g * bytes;
-    for (int64_t off = 0; off < bytes; off += 64) _mm_prefetch(reinterpret_cast<const char*>(p + 4 * bytes + off), _MM_HINT_T0);
+    for (int64_t off = 0; off < bytes; off += 64) _mm_prefetch(reinterpret_cast<const char*>(p + kPrefetch + off), _MM_HINT_T0);
     __m512i wv[8];
     if constexpr (BITS == 4) {
       for (int c = 0; c < 4; ++c) {
