@@ -26,6 +26,7 @@ VERSION = "0.3.36"  # llama-cpp-python sdist whose vendored llama.cpp we build
 SRC_ROOT = BUILD / f"llama_cpp_python-{VERSION}"
 BUILD_DIR = BUILD / "llama.cpp-build"
 SERVER_BIN = BUILD_DIR / "bin" / "llama-server"
+NO_AMX = "-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
 
 
 def is_set_up() -> bool:
@@ -49,7 +50,10 @@ def setup(force: bool = False, jobs: int = 2) -> Path:
     src = SRC_ROOT / "vendor" / "llama.cpp"
     run(["cmake", "-S", str(src), "-B", str(BUILD_DIR), "-G", "Ninja",
          "-DCMAKE_BUILD_TYPE=Release", "-DLLAMA_USE_PREBUILT_UI=OFF", "-DLLAMA_CURL=OFF",
-         "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF", "-DGGML_NATIVE=ON"])
+         "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF", "-DGGML_NATIVE=ON",
+         # A Xeon VM here lists AMX in cpuinfo but its tile instructions raise SIGILL (the hypervisor does
+         # not enable the state): -march=native would build ggml's AMX path, which crashes on first use.
+         f"-DCMAKE_C_FLAGS={NO_AMX}", f"-DCMAKE_CXX_FLAGS={NO_AMX}"])
     run(["cmake", "--build", str(BUILD_DIR), "--target", "llama-server", "-j", str(jobs)])
     dt = time.time() - t0
     record_setup_time("llama.cpp", dt, f"llama-cpp-python {VERSION} sdist, cmake --target llama-server -j{jobs}")
