@@ -22,6 +22,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -172,21 +174,29 @@ void group_gemm_rows(const float* x, int64_t M, const GroupWeight& w, float* y, 
   const int64_t K = w.k, ng = K / G, n = w.n;
   quantize_activations(x, M, K, xq, xd, xs);
   const int64_t tile_bytes = ng * (w.bits == 4 ? 256 : 512);
-  // Tiles are split between threads; a tile's weights stay in cache while every activation row passes.
-  at::parallel_for(0, w.tiles, 1, [&](int64_t t0, int64_t t1) {
-    for (int64_t t = t0; t < t1; ++t) {
-      const int64_t rows = std::min<int64_t>(T, n - t * T);
-      for (int64_t m0 = 0; m0 < M; m0 += MB) {
-        const int nm = static_cast<int>(std::min<int64_t>(MB, M - m0));
-        const uint8_t* wt = w.q + t * tile_bytes;
-        const at::Half* d = w.dw + t * ng * T;
-        const at::Half* mn = w.mw + t * ng * T;
-        const int8_t* a = xq + m0 * K;
-        float* out = y + m0 * n + t * T;
-        if (w.bits == 4)
-          run_tile<4>(wt, d, mn, ng, a, xd + m0 * ng, xs + m0 * ng, K, out, n, rows, nm);
-        else
-          run_tile<8>(wt, d, mn, ng, a, xd + m0 * ng, xs + m0 * ng, K, out, n, rows, nm);
+  // Threads claim chunks of tiles from a shared counter rather than a fixed half each: when another process
+  // takes one of the cores for a moment (the API server, on a 2-core machine), the other thread does more.
+  // A tile's weights stay in cache while every activation row passes over them.
+  const int64_t nthreads = at::get_num_threads();
+  const int64_t chunk = std::clamp<int64_t>(w.tiles / (8 * nthreads), 1, 16);
+  const int64_t nchunks = (w.tiles + chunk - 1) / chunk;
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, nthreads, 1, [&](int64_t, int64_t) {
+    for (int64_t c; (c = next.fetch_add(1, std::memory_order_relaxed)) < nchunks;) {
+      for (int64_t t = c * chunk; t < std::min(w.tiles, (c + 1) * chunk); ++t) {
+        const int64_t rows = std::min<int64_t>(T, n - t * T);
+        for (int64_t m0 = 0; m0 < M; m0 += MB) {
+          const int nm = static_cast<int>(std::min<int64_t>(MB, M - m0));
+          const uint8_t* wt = w.q + t * tile_bytes;
+          const at::Half* d = w.dw + t * ng * T;
+          const at::Half* mn = w.mw + t * ng * T;
+          const int8_t* a = xq + m0 * K;
+          float* out = y + m0 * n + t * T;
+          if (w.bits == 4)
+            run_tile<4>(wt, d, mn, ng, a, xd + m0 * ng, xs + m0 * ng, K, out, n, rows, nm);
+          else
+            run_tile<8>(wt, d, mn, ng, a, xd + m0 * ng, xs + m0 * ng, K, out, n, rows, nm);
+        }
       }
     }
   });
