@@ -39,32 +39,32 @@ class Sampler:
             for i in ban:
                 banned = list(stop_ids | set(sps[i].stop_token_ids))
                 logits[i, banned] = float("-inf")
-        # Penalties touch only the tokens a request has seen: sparse (row, token) pairs, not [B, V] passes
-        # (with the model's default repetition_penalty they run on every step of every request).
+        # Penalties touch only the tokens a request has seen: gathered and written back through a flat index
+        # (index_select / index_copy_, far cheaper than advanced indexing on CPU), not [B, V] passes; with the
+        # model's default repetition_penalty they run on every step of every request.
         if any(sp.frequency_penalty or sp.presence_penalty for sp in sps):
-            rows, cols, counts = self._seen_tokens([r.output_ids for r in reqs], V)
-            if rows:
-                freq = torch.tensor([sps[i].frequency_penalty for i in rows], device=logits.device)
-                pres = torch.tensor([sps[i].presence_penalty for i in rows], device=logits.device)
-                cnt = torch.tensor(counts, dtype=torch.float32, device=logits.device)
-                logits[rows, cols] -= freq * cnt + pres
+            flat, rows, counts = self._seen_tokens([r.output_ids for r in reqs], V, logits.device)
+            freq = self._col([sp.frequency_penalty for sp in sps]).squeeze(1)[rows]
+            pres = self._col([sp.presence_penalty for sp in sps]).squeeze(1)[rows]
+            vals = logits.view(-1).index_select(0, flat)
+            logits.view(-1).index_copy_(0, flat, vals - (freq * counts + pres))
         if any(sp.repetition_penalty != 1.0 for sp in sps):
-            rows, cols, _ = self._seen_tokens([r.token_ids for r in reqs], V)
-            if rows:
-                rep = torch.tensor([sps[i].repetition_penalty for i in rows], device=logits.device)
-                vals = logits[rows, cols]
-                logits[rows, cols] = torch.where(vals > 0, vals / rep, vals * rep)
+            flat, rows, _ = self._seen_tokens([r.token_ids for r in reqs], V, logits.device)
+            rep = self._col([sp.repetition_penalty for sp in sps]).squeeze(1)[rows]
+            vals = logits.view(-1).index_select(0, flat)
+            logits.view(-1).index_copy_(0, flat, torch.where(vals > 0, vals / rep, vals * rep))
         return logits
 
     @staticmethod
-    def _seen_tokens(id_lists: list[list[int]], V: int) -> tuple[list[int], list[int], list[int]]:
-        """Each distinct (row, token id < V) pair in id_lists, with its count: (rows, token ids, counts)."""
-        rows, cols, counts = [], [], []
+    def _seen_tokens(id_lists: list[list[int]], V: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Each distinct (row, token id < V) pair in id_lists as (flat index row * V + token, row, count)."""
+        flat, rows, counts = [], [], []
         for i, ids in enumerate(id_lists):
             for tok, n in Counter(ids).items():
                 if tok < V:
-                    rows.append(i), cols.append(tok), counts.append(n)
-        return rows, cols, counts
+                    flat.append(i * V + tok), rows.append(i), counts.append(n)
+        return (torch.tensor(flat, dtype=torch.long, device=device), torch.tensor(rows, dtype=torch.long, device=device),
+                torch.tensor(counts, dtype=torch.float32, device=device))
 
     def sample(self, logits: torch.Tensor, reqs: list[Req], grammar_mask=None):
         """logits: [B, V] float32 (raw model output). Returns (next_ids [B] list, logprob info or None).
