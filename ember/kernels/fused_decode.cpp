@@ -1,4 +1,4 @@
-// A whole decode step of a Llama-family decoder (Llama, Qwen2) with group-quantized weights, in one call.
+// A whole decode step of a Llama-family decoder (Llama, Qwen2, Qwen3) with group-quantized weights, in one call.
 //
 // Why: at batch 1 a w4a8 decode step spent ~9 of its 23 ms in ~1,000 small torch ops (norms, rotary,
 // residuals, KV writes, the SDPA call) whose cost is dispatch and allocation, not math. Here the step is
@@ -6,7 +6,8 @@
 // attention reads keys and values straight from their pages instead of gathering them first.
 //
 // Per layer, for each row (the one new token of one request):
-//   h = rms_norm(x) * w_in;  q, k, v = h Wqkv^T (+ b);  rotate q and k (rotate-half RoPE, tables from Python)
+//   h = rms_norm(x) * w_in;  q, k, v = h Wqkv^T (+ b);  Qwen3: rms_norm each q and k head
+//   rotate q and k (rotate-half RoPE, tables from Python)
 //   k, v -> the row's KV slot;  o = softmax(q K^T * scale) V over the row's slots (grouped-query heads)
 //   x += o Wo^T;  h = rms_norm(x) * w_post;  x += (silu(h Wg^T) * h Wu^T) Wd^T
 // and at the end rms_norm(x) * w_final. A row's arithmetic never depends on the other rows (batch-invariant).
@@ -128,6 +129,8 @@ struct Linear {
 struct Layer {
   const float* in_norm;
   const float* post_norm;
+  const float* q_norm;  // per-head norms of q and k (Qwen3); nullptr: none
+  const float* k_norm;
   Linear qkv, o, gate_up, down;
   float* k_cache;  // [slots, kv_heads, head_dim]
   float* v_cache;
@@ -143,10 +146,10 @@ const float* f32(const at::Tensor& t, int64_t numel, const char* what) {
 
 class DecodeStack : public torch::CustomClassHolder {
  public:
-  static constexpr int64_t kPerLayer = 17;
+  static constexpr int64_t kPerLayer = 19;
 
   // tensors: per layer [in_norm, qkv q/dw/mw/bias, o q/dw/mw, post_norm, gate_up q/dw/mw, down q/dw/mw,
-  // k_cache, v_cache] (an empty bias = none), then [final_norm, cos, sin].
+  // k_cache, v_cache, q_norm, k_norm] (an empty bias or q/k norm = none), then [final_norm, cos, sin].
   // dims: [layers, hidden, heads, kv_heads, head_dim, intermediate].
   DecodeStack(std::vector<at::Tensor> tensors, std::vector<int64_t> dims, double eps, double scale)
       : keep_(std::move(tensors)), eps_(static_cast<float>(eps)), scale_(static_cast<float>(scale)) {
@@ -173,6 +176,8 @@ class DecodeStack : public torch::CustomClassHolder {
       layer.down = linear(b + 12, hidden_, inter_, false);
       const at::Tensor &k = keep_[b + 15], &v = keep_[b + 16];
       TORCH_CHECK(k.dim() == 3 && k.size(1) == kv_heads_ && k.size(2) == D && k.sizes() == v.sizes(), "KV cache shape");
+      layer.q_norm = keep_[b + 17].numel() ? f32(keep_[b + 17], D, "q norm") : nullptr;
+      layer.k_norm = keep_[b + 18].numel() ? f32(keep_[b + 18], D, "k norm") : nullptr;
       layer.k_cache = const_cast<float*>(f32(k, k.numel(), "k cache"));
       layer.v_cache = const_cast<float*>(f32(v, v.numel(), "v cache"));
       slots_ = k.size(0);
@@ -232,6 +237,10 @@ class DecodeStack : public torch::CustomClassHolder {
       for (int64_t b = 0; b < B; ++b) {
         float* row = qp + b * qkv_n;
         const float *c = cos_ + pp[b] * D, *s = sin_ + pp[b] * D;
+        if (layer.q_norm)
+          for (int64_t head = 0; head < H; ++head) rms_norm(row + head * D, layer.q_norm, row + head * D, D, eps_);
+        if (layer.k_norm)
+          for (int64_t head = H; head < H + Hkv; ++head) rms_norm(row + head * D, layer.k_norm, row + head * D, D, eps_);
         for (int64_t head = 0; head < H + Hkv; ++head) rotate(row + head * D, c, s, D);  // q heads, then k heads
         std::copy(row + H * D, row + (H + Hkv) * D, layer.k_cache + wp[b] * Hkv * D);
         std::copy(row + (H + Hkv) * D, row + qkv_n, layer.v_cache + wp[b] * Hkv * D);

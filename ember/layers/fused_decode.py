@@ -5,8 +5,9 @@ rotary, residuals, KV writes, SDPA) were ~9 ms more, spent in dispatch rather th
 hands the whole stack of layers to one C++ object that holds pointers to the same weights and KV pages,
 so a decode step is: embedding lookup (torch), every layer and the final norm (C++), lm_head (torch).
 
-It covers what the Llama decoder layer does (Llama, Mistral, Qwen2: RMSNorm, q/k/v with optional bias,
-rotate-half RoPE from the model's own tables, full attention, SiLU-gated MLP) when every linear is a
+It covers what the Llama decoder layer does (Llama, Mistral, Qwen2, Qwen3: RMSNorm, q/k/v with optional bias,
+optional per-head q/k norms, rotate-half RoPE from the model's own tables, full attention, SiLU-gated MLP)
+when every linear is a
 `GroupQuantLinear`; anything else (other architectures, sliding windows, other quantizations, GPU) keeps the
 torch path. Prefill and mixed batches always take the torch path.
 """
@@ -20,11 +21,12 @@ import torch.nn.functional as F
 from ember.layers.quantization import GroupQuantLinear
 from ember.models.llama import LlamaDecoderLayer, LlamaForCausalLM
 from ember.models.qwen2 import Qwen2DecoderLayer
+from ember.models.qwen3 import Qwen3DecoderLayer
 
 logger = logging.getLogger("ember.engine")
 
-# Exact classes: a subclass may change what a layer computes (Qwen3's q/k norms, Gemma's sandwich norms).
-_LAYERS = (LlamaDecoderLayer, Qwen2DecoderLayer)
+# Exact classes: a subclass may change what a layer computes (Gemma's sandwich norms and scaled embeddings).
+_LAYERS = (LlamaDecoderLayer, Qwen2DecoderLayer, Qwen3DecoderLayer)
 
 
 def unsupported_reason(model, kv_cache) -> str | None:
@@ -47,13 +49,18 @@ def unsupported_reason(model, kv_cache) -> str | None:
             return "its MLP activation is not SiLU"
         if attn.attn.scale != layers[0].self_attn.attn.scale:
             return "its layers use different attention scales"
-    norms = [n for layer in layers for n in (layer.input_layernorm, layer.post_attention_layernorm)] + [model.model.norm]
+    norms = [n for layer in layers for n in (layer.input_layernorm, layer.post_attention_layernorm,
+                                             *_qk_norms(layer.self_attn))] + [model.model.norm]
     if any(n.unit_offset or n.eps != norms[0].eps or n.weight.dtype != torch.float32 for n in norms):
         return "its norms differ (offset weights, mixed eps or dtype)"
     k0, _ = kv_cache.layer(0)
     if k0.device.type != "cpu" or k0.dtype != torch.float32:
         return "its KV cache is not float32 on the CPU"
     return None
+
+
+def _qk_norms(attn) -> tuple:
+    return (attn.q_norm, attn.k_norm) if attn.qk_norm else ()
 
 
 def _linear(m: GroupQuantLinear) -> list[torch.Tensor]:
@@ -79,7 +86,8 @@ class FusedDecoder:
             k_cache, v_cache = kv_cache.layer(i)
             tensors += [layer.input_layernorm.weight.detach(), *_linear(attn.qkv_proj), *_linear(attn.o_proj)[:3],
                         layer.post_attention_layernorm.weight.detach(), *_linear(mlp.gate_up_proj)[:3],
-                        *_linear(mlp.down_proj)[:3], k_cache, v_cache]
+                        *_linear(mlp.down_proj)[:3], k_cache, v_cache,
+                        *([n.weight.detach() for n in _qk_norms(attn)] or [torch.empty(0), torch.empty(0)])]
         rotary = first.rotary[0]
         tensors += [model.model.norm.weight.detach(), rotary.cos, rotary.sin]
         dims = [len(layers), cfg.hidden_size, first.num_heads, first.num_kv_heads, first.head_dim,

@@ -70,21 +70,34 @@ def test_fused_decode_matches_the_torch_path_on_smollm2(engine_for):
     assert mean_kl < 0.02 and max(s[0] for s in stats) < 0.1 and top1 > 0.95, (mean_kl, top1)
 
 
+def _randomize_(tensors, mean: float, std: float) -> None:
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for t in tensors:
+            t.normal_(mean, std)  # in place: the fused step shares these tensors with the torch modules
+
+
 def test_fused_decode_with_qkv_bias(engine_for):
     """Qwen2's q/k/v biases, on a tiny random Qwen2 (head_dim 16) whose biases are made non-zero (transformers
     initialises them to zero). Its activations are small and smooth, so both paths agree to float rounding."""
     engine = engine_for("tiny-qwen2", quantization="w4a8")
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for layer in engine.core.runner.model.model.layers:
-            layer.self_attn.qkv_proj.bias.normal_(0, 0.5)  # in place: the fused step shares the tensor
+    _randomize_([layer.self_attn.qkv_proj.bias for layer in engine.core.runner.model.model.layers], 0, 0.5)
+    stats = _decode_steps_both_ways(engine)
+    assert max(s[2] for s in stats) < 1e-4, stats
+
+
+def test_fused_decode_with_qk_norms(engine_for):
+    """Qwen3's per-head RMSNorm of q and k, with weights made other than ones (their initial value)."""
+    engine = engine_for("tiny-qwen3", quantization="w4a8")
+    _randomize_([n.weight for layer in engine.core.runner.model.model.layers
+                 for n in (layer.self_attn.q_norm, layer.self_attn.k_norm)], 1, 0.3)
     stats = _decode_steps_both_ways(engine)
     assert max(s[2] for s in stats) < 1e-4, stats
 
 
 def test_fused_decode_only_where_it_applies(engine_for):
     assert engine_for("smollm2", quantization="w4a8", disable_fused_decode=True).core.runner.fused_decoder is None
-    assert engine_for("tiny-qwen3", quantization="w4a8").core.runner.fused_decoder is None  # q/k norms
+    assert engine_for("tiny-gemma3", quantization="w4a8").core.runner.fused_decoder is None  # sliding windows
     assert engine_for("smollm2").core.runner.fused_decoder is None  # exact fp32 weights
 
 
