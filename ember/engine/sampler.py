@@ -44,13 +44,13 @@ class Sampler:
         # model's default repetition_penalty they run on every step of every request.
         if any(sp.frequency_penalty or sp.presence_penalty for sp in sps):
             flat, rows, counts = self._seen_tokens([r.output_ids for r in reqs], V, logits.device)
-            freq = self._col([sp.frequency_penalty for sp in sps]).squeeze(1)[rows]
-            pres = self._col([sp.presence_penalty for sp in sps]).squeeze(1)[rows]
+            freq = torch.tensor([sp.frequency_penalty for sp in sps], device=logits.device)[rows]
+            pres = torch.tensor([sp.presence_penalty for sp in sps], device=logits.device)[rows]
             vals = logits.view(-1).index_select(0, flat)
             logits.view(-1).index_copy_(0, flat, vals - (freq * counts + pres))
         if any(sp.repetition_penalty != 1.0 for sp in sps):
             flat, rows, _ = self._seen_tokens([r.token_ids for r in reqs], V, logits.device)
-            rep = self._col([sp.repetition_penalty for sp in sps]).squeeze(1)[rows]
+            rep = torch.tensor([sp.repetition_penalty for sp in sps], device=logits.device)[rows]
             vals = logits.view(-1).index_select(0, flat)
             logits.view(-1).index_copy_(0, flat, torch.where(vals > 0, vals / rep, vals * rep))
         return logits

@@ -5,11 +5,10 @@ rotary, residuals, KV writes, SDPA) were ~9 ms more, spent in dispatch rather th
 hands the whole stack of layers to one C++ object that holds pointers to the same weights and KV pages,
 so a decode step is: embedding lookup (torch), every layer and the final norm (C++), lm_head (torch).
 
-It covers what the Llama decoder layer does (Llama, Mistral, Qwen2, Qwen3: RMSNorm, q/k/v with optional bias,
-optional per-head q/k norms, rotate-half RoPE from the model's own tables, full attention, SiLU-gated MLP)
-when every linear is a
-`GroupQuantLinear`; anything else (other architectures, sliding windows, other quantizations, GPU) keeps the
-torch path. Prefill and mixed batches always take the torch path.
+It covers what the Llama decoder layer does (Llama, Mistral, Qwen2, Qwen3: RMSNorm, q/k/v with optional
+bias, optional per-head q/k norms, rotate-half RoPE from the model's own tables, full attention, SiLU-gated
+MLP) when every linear is a `GroupQuantLinear`; anything else (other architectures, sliding windows, other
+quantizations, GPU) keeps the torch path. Prefill and mixed batches always take the torch path.
 """
 from __future__ import annotations
 
@@ -63,9 +62,13 @@ def _qk_norms(attn) -> tuple:
     return (attn.q_norm, attn.k_norm) if attn.qk_norm else ()
 
 
-def _linear(m: GroupQuantLinear) -> list[torch.Tensor]:
-    bias = m.bias.detach().float().contiguous() if m.bias is not None else torch.empty(0)
-    return [m.qweight, m.dw, m.mw, bias]
+def _weights(m: GroupQuantLinear) -> list[torch.Tensor]:
+    return [m.qweight, m.dw, m.mw]
+
+
+def _or_none(t: torch.Tensor | None) -> torch.Tensor:
+    """A float32 tensor for the C++ side, or an empty one for "none" (a bias, a q/k norm)."""
+    return t.detach().float().contiguous() if t is not None else torch.empty(0)
 
 
 class FusedDecoder:
@@ -84,10 +87,11 @@ class FusedDecoder:
         for i, layer in enumerate(layers):
             attn, mlp = layer.self_attn, layer.mlp
             k_cache, v_cache = kv_cache.layer(i)
-            tensors += [layer.input_layernorm.weight.detach(), *_linear(attn.qkv_proj), *_linear(attn.o_proj)[:3],
-                        layer.post_attention_layernorm.weight.detach(), *_linear(mlp.gate_up_proj)[:3],
-                        *_linear(mlp.down_proj)[:3], k_cache, v_cache,
-                        *([n.weight.detach() for n in _qk_norms(attn)] or [torch.empty(0), torch.empty(0)])]
+            q_norm, k_norm = _qk_norms(attn) or (None, None)
+            tensors += [layer.input_layernorm.weight.detach(), *_weights(attn.qkv_proj), _or_none(attn.qkv_proj.bias),
+                        *_weights(attn.o_proj), layer.post_attention_layernorm.weight.detach(),
+                        *_weights(mlp.gate_up_proj), *_weights(mlp.down_proj), k_cache, v_cache,
+                        _or_none(q_norm and q_norm.weight), _or_none(k_norm and k_norm.weight)]
         rotary = first.rotary[0]
         tensors += [model.model.norm.weight.detach(), rotary.cos, rotary.sin]
         dims = [len(layers), cfg.hidden_size, first.num_heads, first.num_kv_heads, first.head_dim,
