@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import BUILD, DEFAULT_MODEL, gguf_path, record_setup_time, run  # noqa: E402
+from common import BUILD, DEFAULT_MODEL, VENVS, gguf_path, make_venv, record_setup_time, run  # noqa: E402
 
 NAME = "llama.cpp (llama-server)"
 VERSION = "0.3.36"  # llama-cpp-python sdist whose vendored llama.cpp we build
@@ -59,6 +59,34 @@ def setup(force: bool = False, jobs: int = 2) -> Path:
     record_setup_time("llama.cpp", dt, f"llama-cpp-python {VERSION} sdist, cmake --target llama-server -j{jobs}")
     print(f"built {SERVER_BIN} in {dt:.0f} s")
     return SERVER_BIN
+
+
+# llama.cpp's Python server (llama-cpp-python[server]) on the libllama built above: installed without building
+# llama.cpp a second time (LLAMA_BUILD=OFF) and pointed at our build with LLAMA_CPP_LIB_PATH. It serves one
+# request at a time; --interrupt_requests False, or each new request aborts the running one.
+PY_VENV = VENVS / "llama-cpp-python"
+
+
+def python_server_is_set_up() -> bool:
+    return is_set_up() and (PY_VENV / "bin" / "python").exists() and any(PY_VENV.glob("lib/python*/site-packages/llama_cpp"))
+
+
+def setup_python_server() -> None:
+    setup()
+    t0 = time.time()
+    make_venv("llama-cpp-python")
+    run([str(PY_VENV / "bin" / "pip"), "install", f"llama-cpp-python[server]=={VERSION}"],
+        env={"CMAKE_ARGS": "-DLLAMA_BUILD=OFF"})
+    record_setup_time("llama.cpp-python", time.time() - t0, f"llama-cpp-python[server] {VERSION}, LLAMA_BUILD=OFF")
+
+
+def python_server_cmd(model: str = DEFAULT_MODEL, port: int = 8080, ctx: int = 4096) -> str:
+    return (f"{PY_VENV / 'bin' / 'python'} -m llama_cpp.server --model {gguf_path(model)} --host 127.0.0.1 "
+            f"--port {port} --n_threads 2 --n_ctx {ctx} --interrupt_requests False --model_alias {model}")
+
+
+def python_server_env() -> dict:
+    return {"LLAMA_CPP_LIB_PATH": str(BUILD_DIR / "bin")}
 
 
 def version() -> str:

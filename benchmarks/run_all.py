@@ -126,6 +126,33 @@ class LlamaCpp(Engine):
         return llama_cpp.server_cmd(model, port)
 
 
+class LlamaCppPython(Engine):
+    key = "llama.cpp-python"
+    label = "llama.cpp Python server (serial)"
+    weights = "the GGUF itself (same libllama as llama-server)"
+    serial = True  # one request at a time
+    startup_timeout = 300.0
+    mem_gb = 1.5
+
+    def is_set_up(self):
+        return llama_cpp.python_server_is_set_up()
+
+    def setup(self):
+        llama_cpp.setup_python_server()
+
+    def setup_hint(self):
+        return "python benchmarks/run_all.py --setup --engines llama.cpp-python"
+
+    def version(self):
+        return f"llama-cpp-python {llama_cpp.VERSION} on {llama_cpp.version()}"
+
+    def server_cmd(self, model, port):
+        return llama_cpp.python_server_cmd(model, port)
+
+    def server_env(self):
+        return llama_cpp.python_server_env()
+
+
 class Vllm(Engine):
     key = "vllm"
     label = "vLLM CPU"
@@ -467,7 +494,7 @@ def write_markdown(state: dict) -> None:
     print(f"wrote {BENCHMARKS_MD}")
 
 
-ENGINE_NAMES = ["ember", "llama.cpp", "vllm", "transformers"]
+ENGINE_NAMES = ["ember", "llama.cpp", "llama.cpp-python", "vllm", "transformers"]
 
 
 def main(argv=None) -> int:
@@ -497,7 +524,7 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
 
     engines = {"ember": Ember(a.ember_args, a.ember_label, a.ember_weights), "llama.cpp": LlamaCpp(),
-               "vllm": Vllm(), "transformers": Transformers()}
+               "llama.cpp-python": LlamaCppPython(), "vllm": Vllm(), "transformers": Transformers()}
     state = load_state()
     state["_machine"] = machine_info()
     w = state.setdefault(workload_key(a), {})
