@@ -25,6 +25,15 @@ DEFAULT_MODEL = "qwen2.5-coder-0.5b"
 BASE_ENV = {"OMP_WAIT_POLICY": "PASSIVE", "GOMP_SPINCOUNT": "3000", "TOKENIZERS_PARALLELISM": "false"}
 
 
+# EMBER_BENCH_ISA=avx2: the AVX2 code paths on an AVX-512 machine (issue 12: measure AVX2 where no AVX2-only
+# machine is at hand): llama.cpp built without AVX-512 (its own build folder), ember with its AVX2 kernels and
+# torch's AVX2 ATen kernels; results go to their own state file and BENCHMARKS.md section.
+BENCH_ISA = os.environ.get("EMBER_BENCH_ISA", "native").strip().lower()
+if BENCH_ISA not in ("native", "avx2"):
+    raise SystemExit(f"EMBER_BENCH_ISA={BENCH_ISA!r}: use native or avx2")
+ISA_ENV = {"EMBER_KERNEL_ISA": "avx2", "ATEN_CPU_CAPABILITY": "avx2"} if BENCH_ISA == "avx2" else {}
+
+
 def ember_python() -> str:
     return str(EMBER_PYTHON if EMBER_PYTHON.exists() else Path(sys.executable))
 

@@ -19,12 +19,16 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import BUILD, DEFAULT_MODEL, VENVS, gguf_path, make_venv, record_setup_time, run  # noqa: E402
+from common import BENCH_ISA, BUILD, DEFAULT_MODEL, VENVS, gguf_path, make_venv, record_setup_time, run  # noqa: E402
 
 NAME = "llama.cpp (llama-server)"
 VERSION = "0.3.36"  # llama-cpp-python sdist whose vendored llama.cpp we build
 SRC_ROOT = BUILD / f"llama_cpp_python-{VERSION}"
-BUILD_DIR = BUILD / "llama.cpp-build"
+BUILD_DIR = BUILD / ("llama.cpp-build" if BENCH_ISA == "native" else f"llama.cpp-build-{BENCH_ISA}")
+# EMBER_BENCH_ISA=avx2: ggml's AVX2 path only (no AVX-512 / VNNI), as on an AVX2-only server
+ISA_FLAGS = (["-DGGML_NATIVE=ON"] if BENCH_ISA == "native" else
+             ["-DGGML_NATIVE=OFF", "-DGGML_AVX=ON", "-DGGML_AVX2=ON", "-DGGML_FMA=ON", "-DGGML_F16C=ON",
+              "-DGGML_AVX512=OFF", "-DGGML_AVX512_VNNI=OFF", "-DGGML_AVX_VNNI=OFF", "-DGGML_BMI2=ON"])
 SERVER_BIN = BUILD_DIR / "bin" / "llama-server"
 NO_AMX = "-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
 
@@ -50,13 +54,13 @@ def setup(force: bool = False, jobs: int = 2) -> Path:
     src = SRC_ROOT / "vendor" / "llama.cpp"
     run(["cmake", "-S", str(src), "-B", str(BUILD_DIR), "-G", "Ninja",
          "-DCMAKE_BUILD_TYPE=Release", "-DLLAMA_USE_PREBUILT_UI=OFF", "-DLLAMA_CURL=OFF",
-         "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF", "-DGGML_NATIVE=ON",
+         "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF", *ISA_FLAGS,
          # A Xeon VM here lists AMX in cpuinfo but its tile instructions raise SIGILL (the hypervisor does
          # not enable the state): -march=native would build ggml's AMX path, which crashes on first use.
          f"-DCMAKE_C_FLAGS={NO_AMX}", f"-DCMAKE_CXX_FLAGS={NO_AMX}"])
     run(["cmake", "--build", str(BUILD_DIR), "--target", "llama-server", "-j", str(jobs)])
     dt = time.time() - t0
-    record_setup_time("llama.cpp", dt, f"llama-cpp-python {VERSION} sdist, cmake --target llama-server -j{jobs}")
+    record_setup_time("llama.cpp" if BENCH_ISA == "native" else f"llama.cpp-{BENCH_ISA}", dt, f"llama-cpp-python {VERSION} sdist, cmake --target llama-server -j{jobs}")
     print(f"built {SERVER_BIN} in {dt:.0f} s")
     return SERVER_BIN
 

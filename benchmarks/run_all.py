@@ -35,9 +35,13 @@ from common import BASE_ENV, BUILD, REPO_ROOT, RESULTS  # noqa: E402
 
 sys.path.insert(0, str(REPO_ROOT))
 BENCHMARKS_MD = REPO_ROOT / "BENCHMARKS.md"
-STATE = RESULTS / "results.json"
-BEGIN = "<!-- BEGIN benchmarks/run_all.py: generated, edits between these markers are overwritten -->"
-END = "<!-- END benchmarks/run_all.py -->"
+_ISA = "" if common.BENCH_ISA == "native" else f" {common.BENCH_ISA}"  # EMBER_BENCH_ISA=avx2: a separate table
+_ISA_TITLE = "" if not _ISA else (": AVX2 code paths on this machine (EMBER_BENCH_ISA=avx2: llama.cpp built "
+                                   "without AVX-512, ember's AVX2 kernels, ATEN_CPU_CAPABILITY=avx2)")
+STATE = RESULTS / ("results.json" if not _ISA else f"results_{common.BENCH_ISA}.json")
+RAW = RESULTS if not _ISA else RESULTS / common.BENCH_ISA  # each run's bench_serving output
+BEGIN = f"<!-- BEGIN benchmarks/run_all.py{_ISA}: generated, edits between these markers are overwritten -->"
+END = f"<!-- END benchmarks/run_all.py{_ISA} -->"
 
 
 # ------------------------------------------------------------------------------------------ engines
@@ -95,6 +99,9 @@ class Ember(Engine):
         ember_bin = Path(common.ember_python()).parent / "ember"
         cmd = f"{ember_bin} serve --model-path {model} --host 127.0.0.1 --port {port}"
         return f"{cmd} {self.extra_args}".strip()
+
+    def server_env(self) -> dict:
+        return dict(common.ISA_ENV)
 
 
 class LlamaCpp(Engine):
@@ -335,7 +342,7 @@ def run_engine(eng: Engine, a, state_w: dict) -> None:
                     runs[str(c)] = {"skipped": "serial server: throughput as at c=1"}
                     continue
                 n = a.num_prompts_c1 if (c == 1 and a.num_prompts_c1) else a.num_prompts
-                out_json = RESULTS / f"{eng.key.replace(' ', '_').replace('/', '_')}_{a.dataset_name}_c{c}.json"
+                out_json = RAW / f"{eng.key.replace(' ', '_').replace('/', '_')}_{a.dataset_name}_c{c}.json"
                 print(f"[{eng.key}] concurrency {c}: {n} requests", flush=True)
                 try:
                     res = run_benchmark(bench_args(a, base_url, c, n, out_json))
@@ -372,7 +379,7 @@ def load_state() -> dict:
 
 
 def save_state(a=None) -> None:
-    RESULTS.mkdir(parents=True, exist_ok=True)
+    RAW.mkdir(parents=True, exist_ok=True)
     STATE.write_text(json.dumps(_STATE, indent=1, sort_keys=False))
 
 
@@ -383,7 +390,7 @@ def _f(x, nd=1):
 
 
 def render(state: dict) -> str:
-    out = [BEGIN, "## Peer comparison (`benchmarks/run_all.py`)", ""]
+    out = [BEGIN, f"## Peer comparison (`benchmarks/run_all.py`){_ISA_TITLE}", ""]
     mi = state.get("_machine", {})
     if mi:
         out.append(f"Machine: {mi.get('cpu', '?')} ({mi.get('simd', '')}), {mi.get('cores')} cores, "
@@ -499,6 +506,7 @@ ENGINE_NAMES = ["ember", "llama.cpp", "llama.cpp-python", "vllm", "transformers"
 
 def main(argv=None) -> int:
     os.environ.update(BASE_ENV)
+    RAW.mkdir(parents=True, exist_ok=True)
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=common.DEFAULT_MODEL)
     p.add_argument("--engines", nargs="+", default=ENGINE_NAMES, choices=ENGINE_NAMES)

@@ -3,6 +3,9 @@
 Process layout: this (API) process runs FastAPI under uvicorn: routes, tokenization, chat templates and
 output parsing. The engine process (multiprocessing "spawn") loads the model and runs the scheduler;
 the two talk over ZMQ. /health answers 503 until the engine reports the model loaded.
+
+SIGTERM / SIGINT drain the server (ember/api/shutdown.py) and exit 0. SGLang's helpers are importable from
+here too (`from ember.launch_server import launch_server_cmd, wait_for_server`, as seed 001 does).
 """
 from __future__ import annotations
 
@@ -11,7 +14,11 @@ import os
 import sys
 import threading
 
-from ember.server_args import ServerArgs
+from ember.server_args import ServerArgs, check_server_args, parse_serve_args
+from ember.utils import display_host, launch_server_cmd, terminate_process, wait_for_server
+
+__all__ = ["run_server", "launch_server", "main", "launch_server_cmd", "wait_for_server", "terminate_process",
+           "display_host"]
 
 logger = logging.getLogger("ember.server")
 
@@ -23,26 +30,23 @@ def configure_logging(level: str) -> None:
                         datefmt="%Y-%m-%d %H:%M:%S", stream=sys.stderr, force=True)
 
 
-def display_host(host: str) -> str:
-    if host in ("0.0.0.0", "", "::"):
-        return "127.0.0.1" if host != "::" else "[::1]"
-    return f"[{host}]" if ":" in host else host
-
-
 def run_server(args: ServerArgs, given: set[str] | None = None) -> int:
     """Start the server and block until it stops. Returns the process exit code."""
     configure_logging(args.log_level)
-    from ember.cli import check_server_args
     errors = check_server_args(args, given)
     if errors:
         for e in errors:
             print(f"ember: cannot start: {e}", file=sys.stderr, flush=True)
         return 2
+    if args.node_rank > 0:  # a multi-node engine's other machines run only their ranks (no HTTP)
+        from ember.distributed.launcher import run_worker_node
+        return run_worker_node(args)
 
     import uvicorn
 
     from ember.api.app import create_app
-    from ember.engine.engine_client import EngineClient
+    from ember.api.shutdown import GracefulServer, Lifecycle
+    from ember.distributed.data_parallel import make_engine_client
     from ember.frontend.chat_template import load_chat_template_override
 
     try:
@@ -52,13 +56,15 @@ def run_server(args: ServerArgs, given: set[str] | None = None) -> int:
         print(f"ember: cannot start: {e}", file=sys.stderr, flush=True)
         return 2
 
-    engine = EngineClient(args)
+    engine = make_engine_client(args)  # one EngineClient, or --dp-size replicas behind one
     state = {"exit_code": 0}
-    app = create_app(args, engine, chat_template=chat_template)
+    lifecycle = Lifecycle()
+    app = create_app(args, engine, chat_template=chat_template, lifecycle=lifecycle)
+    # uvicorn's own grace only covers connections left after the drain (GracefulServer) ended
     config = uvicorn.Config(app, host=args.host, port=args.port, log_config=None,
                             log_level=args.log_level, access_log=args.log_level == "debug",
                             timeout_keep_alive=30, timeout_graceful_shutdown=5)
-    server = uvicorn.Server(config)
+    server = GracefulServer(config, lifecycle, engine, args.graceful_shutdown_timeout)
     app.state.uvicorn_server = server
 
     def on_fatal(message: str) -> None:
@@ -117,7 +123,6 @@ def launch_server(args: ServerArgs) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from ember.cli import parse_serve_args
     args, given = parse_serve_args(sys.argv[1:] if argv is None else argv, prog="python -m ember.launch_server")
     return run_server(args, given)
 

@@ -20,7 +20,15 @@ import urllib.error
 import urllib.request
 from urllib.parse import urlsplit, urlunsplit
 
-__all__ = ["launch_server_cmd", "wait_for_server", "terminate_process", "print_highlight", "get_free_port"]
+__all__ = ["launch_server_cmd", "wait_for_server", "terminate_process", "print_highlight", "get_free_port",
+           "display_host"]
+
+
+def display_host(host: str) -> str:
+    """The host to show in a URL for a listen address (0.0.0.0 / :: mean this machine)."""
+    if host in ("0.0.0.0", "", "::"):
+        return "127.0.0.1" if host != "::" else "[::1]"
+    return f"[{host}]" if ":" in host else host
 
 
 def get_free_port(host: str = "127.0.0.1") -> int:
@@ -160,8 +168,14 @@ def _alive(pid: int) -> bool:
         return True
 
 
-def terminate_process(process: subprocess.Popen | int, timeout: float = 10.0) -> None:
-    """Stop a server and every process it started: SIGTERM to the tree, SIGKILL after `timeout`."""
+def terminate_process(process: subprocess.Popen | int, timeout: float = 30.0) -> None:
+    """Stop a server and every process it started.
+
+    SIGTERM goes to the server process alone first: an ember server then drains (in-flight requests
+    finish, up to its --graceful-shutdown-timeout) and stops its engine itself; signalling the engine
+    first would fail those requests. After `timeout` seconds (or once the server exited), whatever is
+    left of the tree gets SIGTERM, then SIGKILL.
+    """
     pid = process if isinstance(process, int) else process.pid
     pids = [pid] + _descendants(pid)
     pgid = None
@@ -171,18 +185,30 @@ def terminate_process(process: subprocess.Popen | int, timeout: float = 10.0) ->
             pgid = None  # only kill a group that the server leads (start_new_session)
     except OSError:
         pass
-    for p in reversed(pids):
+
+    def wait(targets: list[int], seconds: float) -> None:
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            if not isinstance(process, int):
+                process.poll()
+            if not any(_alive(p) for p in targets):
+                return
+            time.sleep(0.1)
+
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except OSError:
+        pass
+    wait([pid], timeout)
+    pids = list(dict.fromkeys(pids + (_descendants(pid) if _alive(pid) else [])))
+    rest = [p for p in pids if _alive(p)]
+    for p in reversed(rest):
         try:
             os.kill(p, signal.SIGTERM)
         except OSError:
             pass
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if not isinstance(process, int):
-            process.poll()
-        if not any(_alive(p) for p in pids):
-            break
-        time.sleep(0.1)
+    if rest:
+        wait(rest, 5.0)
     for p in pids:
         if _alive(p):
             try:

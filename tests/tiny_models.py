@@ -32,7 +32,8 @@ COMMON = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_
 
 
 def tiny_model(kind: str, path: pathlib.Path) -> pathlib.Path:
-    """kind: qwen3 | llama | qwen2 | gemma3 (window 16, 1 full : 2 sliding layers)."""
+    """kind: qwen3 | llama | qwen2 | gemma3 (window 16, 1 full : 2 sliding layers) | qwen3_moe | minimax_m2
+    (MoE: 4 layers, 8 experts, top-2)."""
     import transformers as tf
     if (path / "config.json").exists():
         return path
@@ -51,6 +52,20 @@ def tiny_model(kind: str, path: pathlib.Path) -> pathlib.Path:
                                   layer_types=["sliding_attention", "sliding_attention", "full_attention"],
                                   query_pre_attn_scalar=16)
         model = tf.Gemma3ForCausalLM(cfg)
+    elif kind == "qwen3_moe":  # 4 layers: MoE on 0, 2, 3 (stride 1), layer 1 dense via mlp_only_layers
+        cfg = tf.Qwen3MoeConfig(**dict(common, num_hidden_layers=4), moe_intermediate_size=32, num_experts=8,
+                                num_experts_per_tok=2, norm_topk_prob=True, mlp_only_layers=[1],
+                                initializer_range=0.1)
+        model = tf.Qwen3MoeForCausalLM(cfg)
+    elif kind == "minimax_m2":  # partial rotary, router bias, MiniMax's special tokens and template
+        from tests.tiny_minimax import tiny_minimax_m2
+        return tiny_minimax_m2(path)
+    elif kind == "glm4_moe_lite":  # MLA + grouped sigmoid MoE + a nextn layer, GLM tokenizer (tests/tiny_glm.py)
+        from tests.tiny_glm import tiny_glm4_moe_lite
+        return tiny_glm4_moe_lite(path)
+    elif kind == "step3p5":  # hub layout; window 16, 4 / 6 query heads, 8 experts top-3, an MTP layer
+        from tests.step3p5_hub import build_tiny_step3p5
+        return build_tiny_step3p5(path, tok)
     else:
         raise ValueError(kind)
     model.save_pretrained(path)

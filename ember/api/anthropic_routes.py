@@ -2,7 +2,7 @@
 written against the `anthropic` SDK.
 
 A request is mapped onto a ChatCompletionRequest and goes through the chat route's own preparation
-(`openai_routes.prepare_chat`: chat template with tools, reasoning effort and thinking budget, sampling
+(`request_builder.prepare_chat`: chat template with tools, reasoning effort and thinking budget, sampling
 defaults, constrained decoding for tool_choice any / tool, the reasoning and tool-call parsers). Only
 the shapes differ: content blocks in (text, tool_use, tool_result) and out (thinking, text, tool_use),
 Anthropic's stop reasons and usage, its SSE event sequence, and its error JSON.
@@ -27,14 +27,11 @@ from fastapi.responses import JSONResponse
 from pydantic import Field, ValidationError
 
 from ember.api.errors import APIError, anthropic_error_body, validation_message
-from ember.api.openai_routes import prepare_chat
 from ember.api.protocol import ChatCompletionRequest, OutputConfig, _Lenient
-from ember.api.serving import (
-    ClientDisconnected, SSEResponse, SubResult, check_overload, parse_body, run_to_completion, sse,
-    start_stream, stream_items,
-)
+from ember.api.request_builder import fan_out, load_chat_media, prepare_chat
+from ember.api.runner import Formatter, run
+from ember.api.serving import SubResult, check_overload, parse_body, sse
 from ember.engine.engine_client import EngineRequestError
-from ember.engine.io_struct import GenerateReq
 from ember.frontend.output_processor import Delta
 
 if TYPE_CHECKING:
@@ -89,9 +86,9 @@ class CountTokensRequest(_Lenient):
 
 class MessagesRequest(CountTokensRequest):
     max_tokens: int = Field(ge=1)
-    temperature: float | None = None
-    top_p: float | None = None
-    top_k: int | None = None
+    temperature: float | None = Field(default=None, ge=0.0, le=1.0)  # Anthropic's range
+    top_p: float | None = Field(default=None, ge=0.0, le=1.0)
+    top_k: int | None = Field(default=None, ge=0)
     stop_sequences: list[str] | None = None
     stream: bool = False
     metadata: dict[str, Any] | None = None  # accepted, not used
@@ -106,8 +103,8 @@ def _text(value, param: str) -> str:
 
 def _block_type(block: dict, param: str) -> str:
     kind = block.get("type")
-    if kind in ("image", "document"):
-        raise APIError(f"{param}: {kind} blocks are not supported: the served model takes text only", 400, param)
+    if kind == "document":
+        raise APIError(f"{param}: document blocks are not supported", 400, param)
     if not isinstance(kind, str):
         raise APIError(f"{param} has no 'type'", 400, param)
     return kind
@@ -128,12 +125,14 @@ def _chat_turns(i: int, m: AnthropicMessage) -> list[dict]:
     """One Anthropic message as chat messages (a user turn with tool results gives tool messages first)."""
     if isinstance(m.content, str):
         return [{"role": m.role, "content": m.content}]
-    texts, calls, thinking, results = [], [], [], []
+    texts, calls, thinking, results, images = [], [], [], [], []
     for j, block in enumerate(m.content):
         p = f"messages.{i}.content.{j}"
         kind = _block_type(block, p)
         if kind == "text":
             texts.append(_text(block.get("text"), f"{p}.text"))
+        elif kind == "image" and m.role == "user":  # an image_url part where it stands among the texts
+            images.append((len(texts), _image_url(block.get("source"), f"{p}.source")))
         elif kind == "tool_use" and m.role == "assistant":
             args = block.get("input", {})
             if not isinstance(args, dict):
@@ -153,14 +152,38 @@ def _chat_turns(i: int, m: AnthropicMessage) -> list[dict]:
         else:
             raise APIError(f"{p}: blocks of type {kind!r} are not supported in a {m.role} message", 400, p)
     turns = results
-    if texts or calls or thinking or not results:
+    if texts or calls or thinking or images or not results:
         turn = {"role": m.role, "content": "\n".join(texts)}
+        if images:
+            parts, k = [], 0
+            for at, url in images + [(len(texts), None)]:
+                if at > k:
+                    parts.append({"type": "text", "text": "\n".join(texts[k:at])})
+                    k = at
+                if url is not None:
+                    parts.append({"type": "image_url", "image_url": {"url": url}})
+            turn["content"] = parts
         if calls:
             turn["tool_calls"] = calls
         if thinking:
             turn["reasoning_content"] = "\n".join(thinking)
         turns = turns + [turn]
     return turns
+
+
+def _image_url(source, param: str) -> str:
+    """An Anthropic image source as the URL the media loader takes: base64 -> data: URL, url, file id."""
+    if not isinstance(source, dict):
+        raise APIError(f"{param} must be an object", 400, param)
+    kind = source.get("type")
+    if kind == "base64":
+        media_type = _text(source.get("media_type", "image/png"), f"{param}.media_type")
+        return f"data:{media_type};base64,{_text(source.get('data'), f'{param}.data')}"
+    if kind == "url":
+        return _text(source.get("url"), f"{param}.url")
+    if kind == "file":
+        return _text(source.get("file_id"), f"{param}.file_id")
+    raise APIError(f"{param}.type must be base64, url or file, got {kind!r}", 400, f"{param}.type")
 
 
 def _tool(i: int, t: AnthropicTool) -> dict:
@@ -369,7 +392,8 @@ async def count_tokens(request: Request):
         req, _ = await parse_body(request, CountTokensRequest)
         state.require_ready()
         creq, raw = chat_request(req)
-        return {"input_tokens": len(prepare_chat(state, creq, raw).prompt_ids)}
+        raw, media = await load_chat_media(state, raw, request.app)
+        return {"input_tokens": len(prepare_chat(state, creq, raw, media).prompt_ids)}
     except APIError as e:
         return _error(e)
 
@@ -379,58 +403,51 @@ async def _messages(request: Request):
     req, _ = await parse_body(request, MessagesRequest)
     state.require_ready()
     creq, raw = chat_request(req)
-    chat = prepare_chat(state, creq, raw)
+    raw, media = await load_chat_media(state, raw, request.app)  # image blocks
+    chat = prepare_chat(state, creq, raw, media)
     check_overload(state.engine, state.args.max_queued_requests, 1)
     msg_id = f"msg_{uuid.uuid4().hex[:24]}"
-    gen_reqs = [GenerateReq(rid=msg_id, input_ids=list(chat.prompt_ids), sampling=chat.sp)]
-    model = req.model or state.served_model_name
-    prompt_len = len(chat.prompt_ids)
-    o = chat.new_output()
+    reqs = fan_out(msg_id, [chat.prompt_ids], [chat.sp], [1], mm=chat.mm)
+    fmt = _MessageFormatter(msg_id, req.model or state.served_model_name, len(chat.prompt_ids), chat.new_output())
+    return await run(state, request, msg_id, reqs, req.stream, fmt)
 
-    def message(content: list[dict], stop_reason, stop_sequence, usage: dict) -> dict:
-        return {"id": msg_id, "type": "message", "role": "assistant", "model": model, "content": content,
+
+class _MessageFormatter(Formatter):
+    """Anthropic's message, or its event sequence: message_start, ping, content blocks (BlockEvents),
+    message_delta (stop reason, usage), message_stop. No [DONE]; errors are `error` events."""
+    done = None
+
+    def __init__(self, msg_id: str, model: str, prompt_len: int, output):
+        self.msg_id, self.model, self.prompt_len, self.o = msg_id, model, prompt_len, output
+        self.blocks = BlockEvents()
+
+    def message(self, content: list[dict], stop_reason, stop_sequence, usage: dict) -> dict:
+        return {"id": self.msg_id, "type": "message", "role": "assistant", "model": self.model, "content": content,
                 "stop_reason": stop_reason, "stop_sequence": stop_sequence, "usage": usage}
 
-    if not req.stream:
-        results = await run_to_completion(state, msg_id, gen_reqs, request)
-        if results is None:
-            return JSONResponse({}, status_code=499)  # the client went away
-        r = results[0]
+    def response(self, results: list[SubResult]) -> dict:
+        r, o = results[0], self.o
         o.feed(r.text)
         o.finish()
-        return message(message_content(o), *_stop_reason(r, o.tool_calls), _result_usage(r, prompt_len))
+        return self.message(message_content(o), *_stop_reason(r, o.tool_calls), _result_usage(r, self.prompt_len))
 
-    try:
-        on_close, gen, first = await start_stream(state, msg_id, gen_reqs, request)
-    except ClientDisconnected:
-        return JSONResponse({}, status_code=499)
+    def start(self, first):
+        usage = _usage((first and first.prompt_tokens) or self.prompt_len, first.cached_tokens if first else 0, 0)
+        yield _event("message_start", {"type": "message_start", "message": self.message([], None, None, usage)})
+        yield _event("ping", {"type": "ping"})
 
-    async def stream():
-        result = SubResult()
-        blocks = BlockEvents()
-        try:
-            out0 = first[1] if first is not None else None  # the prefetched first output
-            start_usage = _usage((out0 and out0.prompt_tokens) or prompt_len, out0.cached_tokens if out0 else 0, 0)
-            yield _event("message_start", {"type": "message_start",
-                                           "message": message([], None, None, start_usage)})
-            yield _event("ping", {"type": "ping"})
-            async for _, out in stream_items(first, gen):
-                result.add(out)
-                for ev in blocks.feed(o.feed(out.text_delta)):
-                    yield ev
-                if out.finished:
-                    for ev in blocks.feed(o.finish()):
-                        yield ev
-            for ev in blocks.finish():
-                yield ev
-            stop_reason, stop_sequence = _stop_reason(result, o.tool_calls)
-            yield _event("message_delta", {"type": "message_delta",
-                                           "delta": {"stop_reason": stop_reason, "stop_sequence": stop_sequence},
-                                           "usage": _result_usage(result, prompt_len)})
-            yield _event("message_stop", {"type": "message_stop"})
-        except EngineRequestError as e:
-            yield _event("error", anthropic_error_body(e.message, e.status))
-        finally:
-            on_close()
+    def on_output(self, idx, out, result):
+        yield from self.blocks.feed(self.o.feed(out.text_delta))
+        if out.finished:
+            yield from self.blocks.feed(self.o.finish())
 
-    return SSEResponse(stream(), on_close=on_close)
+    def finish(self, results):
+        yield from self.blocks.finish()
+        stop_reason, stop_sequence = _stop_reason(results[0], self.o.tool_calls)
+        yield _event("message_delta", {"type": "message_delta",
+                                       "delta": {"stop_reason": stop_reason, "stop_sequence": stop_sequence},
+                                       "usage": _result_usage(results[0], self.prompt_len)})
+        yield _event("message_stop", {"type": "message_stop"})
+
+    def error(self, e: EngineRequestError) -> str:
+        return _event("error", anthropic_error_body(e.message, e.status))

@@ -14,10 +14,12 @@ from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ember.api.errors import APIError, anthropic_error_body, error_body, error_response, validation_message
+from ember.api.shutdown import DrainMiddleware, Lifecycle
 from ember.engine.engine_client import EngineClient
 from ember.engine.sampling_params import model_sampling_defaults
 from ember.frontend.tokenizer_manager import TokenizerManager
 from ember.server_args import ServerArgs
+from ember.utils import display_host
 
 logger = logging.getLogger("ember.server")
 
@@ -86,7 +88,7 @@ class ServerState:
 
 class AuthMiddleware:
     """Pure ASGI middleware (no buffering of streams): Bearer api key on every route but /health."""
-    OPEN_PATHS = {"/health"}
+    OPEN_PATHS = {"/health", "/", "/chat"}  # the chat page is static; its API calls carry the key
 
     def __init__(self, app, api_key: str):
         self.app = app
@@ -116,8 +118,11 @@ class AuthMiddleware:
         await send({"type": "http.response.body", "body": body})
 
 
-def create_app(args: ServerArgs, engine: EngineClient, chat_template: str | None = None) -> FastAPI:
+def create_app(args: ServerArgs, engine: EngineClient, chat_template: str | None = None,
+               lifecycle: Lifecycle | None = None) -> FastAPI:
+    """`lifecycle`: the in-flight counter and draining flag the graceful shutdown shares with the app."""
     state = ServerState(args, engine, chat_template)
+    lifecycle = lifecycle or Lifecycle()
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -157,6 +162,10 @@ def create_app(args: ServerArgs, engine: EngineClient, chat_template: str | None
         logger.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
         return error_response(f"Internal server error: {type(exc).__name__}: {exc}", 500)
 
+    from ember.api.chat_page import router as chat_router
+    from ember.api.metrics import MetricsCollector
+    from ember.api.metrics import router as metrics_router
+    from ember.api.responses_routes import router as responses_router
     from ember.api.files_routes import router as files_router
     from ember.api.anthropic_routes import router as anthropic_router
     from ember.api.native_routes import router as native_router
@@ -165,8 +174,14 @@ def create_app(args: ServerArgs, engine: EngineClient, chat_template: str | None
     app.include_router(native_router)
     app.include_router(anthropic_router)
     app.include_router(files_router)
+    app.include_router(responses_router)
+    app.include_router(metrics_router)
+    engine.metrics = MetricsCollector(state.served_model_name)  # fed by serving.MergedOutputs
+    app.include_router(chat_router)
     if args.api_key:
         app.add_middleware(AuthMiddleware, api_key=args.api_key)
+    app.add_middleware(DrainMiddleware, lifecycle=lifecycle)  # outermost: draining answers before auth
+    app.state.lifecycle = lifecycle
     return app
 
 
@@ -186,7 +201,6 @@ async def _announce_when_ready(app: FastAPI, state: ServerState) -> None:
     while server is not None and not server.started:
         await asyncio.sleep(0.05)
     args = state.args
-    from ember.launch_server import display_host
     url = f"http://{display_host(args.host)}:{args.port}"
     logger.info("model %s loaded (context length %d)", state.served_model_name, state.tm.context_length)
     # Printed whatever the log level, so scripts and users always see it.

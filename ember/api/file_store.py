@@ -1,8 +1,9 @@
 """Uploaded files for the OpenAI Files API (`/v1/files`), kept on disk.
 
-One directory (`--file-storage-path`, default a temporary one removed at exit) holds per file its bytes
-(`<id>`) and a JSON sidecar of metadata (`<id>.json`), so a server restarted on the same directory lists
-the same files. Uploads are written to `.<id>.part` as they arrive and renamed when complete; nothing
+One directory holds per file its bytes (`<id>`) and a JSON sidecar of metadata (`<id>.json`), so a
+restarted server lists the same files and `stepfile://` ids keep working. The directory is
+`--file-storage-path`, by default `files/` under ember's data directory: `$EMBER_DATA_DIR`, else
+`$XDG_DATA_HOME/ember`, else `~/.local/share/ember` (`default_file_storage_path`). Uploads are written to `.<id>.part` as they arrive and renamed when complete; nothing
 here holds a whole file in memory. No FastAPI here: the routes live in files_routes.py, and other code
 (image / video inputs) turns a reference into bytes with `resolve_file_reference`.
 """
@@ -13,8 +14,6 @@ import logging
 import os
 import re
 import secrets
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +26,18 @@ PURPOSES = ("assistants", "assistants_output", "batch", "batch_output", "fine-tu
 STEPFILE_SCHEME = "stepfile://"
 _FILE_ID = re.compile(r"file-[A-Za-z0-9_-]{1,64}")
 DEFAULT_CONTENT_TYPE = "application/octet-stream"
+
+
+def ember_data_dir() -> Path:
+    """Where ember keeps data that outlives a server (uploaded files)."""
+    if os.environ.get("EMBER_DATA_DIR"):
+        return Path(os.environ["EMBER_DATA_DIR"]).expanduser()
+    xdg = os.environ.get("XDG_DATA_HOME")
+    return (Path(xdg).expanduser() if xdg else Path.home() / ".local" / "share") / "ember"
+
+
+def default_file_storage_path() -> Path:
+    return ember_data_dir() / "files"
 
 
 class FileTooLarge(Exception):
@@ -144,14 +155,12 @@ class Upload:
 
 
 class FileStore:
+    """The files of one directory. Blocking file I/O: the routes call it from a worker thread."""
+
     def __init__(self, root: str | os.PathLike | None, max_bytes: int):
         self.max_bytes = max_bytes
-        self.temporary = root is None
-        if root is None:
-            self.root = Path(tempfile.mkdtemp(prefix="ember-files-"))
-        else:
-            self.root = Path(root).expanduser().resolve()
-            self.root.mkdir(parents=True, exist_ok=True)
+        self.root = Path(root if root is not None else default_file_storage_path()).expanduser().resolve()
+        self.root.mkdir(parents=True, exist_ok=True)
         self._files: dict[str, StoredFile] = {}
         self._load()
 
@@ -200,7 +209,3 @@ class FileStore:
         stored.path.unlink(missing_ok=True)
         return True
 
-    def close(self) -> None:
-        """Remove the directory if it is a temporary one (a --file-storage-path stays as it is)."""
-        if self.temporary:
-            shutil.rmtree(self.root, ignore_errors=True)

@@ -2,16 +2,18 @@
 
 Uploads are parsed as they stream in (python-multipart's push parser) and written straight to the store's
 directory, so a file of --file-max-bytes never sits in memory; past the limit the rest of the body is read
-and dropped and the answer is 413. Storage: file_store.py.
+and dropped and the answer is 413. Parsing and writing run on a worker thread, about 1 MiB at a time, so
+a large upload does not stall the event loop that streams tokens to other clients. Any failure (bad
+multipart, a client gone mid-upload, a full disk) removes the partial file. Storage: file_store.py.
 """
 from __future__ import annotations
 
-import atexit
-import contextlib
+import errno
 import logging
 import re
 from urllib.parse import unquote
 
+from anyio import to_thread
 from fastapi import APIRouter, Request
 from fastapi.responses import FileResponse
 from starlette.requests import ClientDisconnect
@@ -22,31 +24,24 @@ from ember.api.file_store import PURPOSES, FileStore, FileTooLarge, StoredFile, 
 logger = logging.getLogger("ember.files")
 
 
-@contextlib.asynccontextmanager
-async def _lifespan(app):
-    """Merged into the app's lifespan by include_router: a temporary store goes when the server stops.
-    (atexit alone is not enough: uvicorn re-raises SIGTERM after its shutdown, which skips atexit.)"""
-    yield
-    store = getattr(app.state, "file_store", None)
-    if store is not None:
-        store.close()
+router = APIRouter()
 
-
-router = APIRouter(lifespan=_lifespan)
-
+WRITE_BATCH_BYTES = 1 << 20  # body chunks handed to the worker thread together
 MAX_FIELD_BYTES = 64 * 1024  # all text fields of one upload together (purpose, expires_after, ...)
 _FILENAME_STAR = re.compile(rb"filename\*\s*=\s*([A-Za-z0-9_-]+)'[^']*'([^;\s]+)", re.I)
 
 
 def file_store(app) -> FileStore:
-    """The server's file store, created on first use (a temporary directory is removed at exit)."""
+    """The server's file store, created on first use (--file-storage-path, or ember's data directory)."""
     store = getattr(app.state, "file_store", None)
     if store is None:
         args = app.state.ember.args
-        store = FileStore(args.file_storage_path, args.file_max_bytes)
+        try:
+            store = FileStore(args.file_storage_path, args.file_max_bytes)
+        except OSError as e:
+            raise APIError(f"The file storage directory cannot be used: {e}", 500) from e
         app.state.file_store = store
-        atexit.register(store.close)
-        logger.info("file storage: %s%s", store.root, " (temporary, removed at exit)" if store.temporary else "")
+        logger.info("file storage: %s", store.root)
     return store
 
 
@@ -121,6 +116,8 @@ class _UploadForm:
             return
         if self.upload is not None:
             raise _FormError("Send one file per request.", "file")
+        if not options.get(b"filename") and not _FILENAME_STAR.search(disposition):
+            raise _FormError("The `file` part has no filename in its Content-Disposition header.", "file")
         self._in_file = True
         self.upload = self.store.new_upload(_filename(disposition, options),
                                             self._headers.get(b"content-type", b"").decode("latin-1"))
@@ -164,29 +161,45 @@ async def create_file(request: Request):
         raise APIError("Upload a file as multipart/form-data with a `file` part and a `purpose` field.", 400, "file")
     form = _UploadForm(store, params[b"boundary"])
     error: Exception | None = None
+
+    def write(data: bytes) -> Exception | None:
+        try:
+            form.write(data)
+        except Exception as e:  # noqa: BLE001 - FileTooLarge, _FormError, OSError, the parser's own errors
+            return e
+        return None
+
+    pending, size = [], 0
     try:
         # After an error the rest of the body is still read (and dropped), so the client gets the answer
         # instead of a broken connection while it is still sending.
         async for chunk in request.stream():
             if error is None and chunk:
-                try:
-                    form.write(chunk)
-                except Exception as e:  # noqa: BLE001 - FileTooLarge, _FormError, the parser's own errors
-                    error = e
+                pending.append(chunk)
+                size += len(chunk)
+                if size >= WRITE_BATCH_BYTES:
+                    error = await to_thread.run_sync(write, b"".join(pending))
+                    pending, size = [], 0
+        if error is None and pending:
+            error = await to_thread.run_sync(write, b"".join(pending))
         if error is None and not form.ended:
             error = _FormError("The multipart body is incomplete (no closing boundary).", "file")
     except ClientDisconnect:  # the client went away: drop the partial file (nobody reads an answer)
-        form.discard()
+        await to_thread.run_sync(form.discard)
         raise APIError("The client disconnected during the upload.", 400, "file") from None
     except BaseException:
         form.discard()
         raise
     if error is not None:
-        form.discard()
+        await to_thread.run_sync(form.discard)
     if isinstance(error, FileTooLarge):
         raise APIError(f"File too large: the limit is {store.max_bytes} bytes (--file-max-bytes).", 413, "file")
     if isinstance(error, _FormError):
         raise APIError(error.message, 400, error.param)
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        logger.error("could not store an upload in %s: %s", store.root, error)
+        raise APIError(f"Not enough storage for the file: {error.strerror}. Try a smaller file or later.", 413,
+                       "file")
     if isinstance(error, OSError):
         logger.error("could not store an upload in %s: %s", store.root, error)
         raise APIError(f"Could not store the file: {error}", 500)
@@ -203,7 +216,12 @@ async def create_file(request: Request):
                            f"{', '.join(repr(p) for p in PURPOSES)}.", 400, "purpose")
         if form.upload.size == 0:
             raise APIError("File is empty.", 400, "file")
-        stored = form.upload.commit(purpose)
+        stored = await to_thread.run_sync(form.upload.commit, purpose)
+    except OSError as e:
+        await to_thread.run_sync(form.discard)
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise APIError(f"Not enough storage for the file: {e.strerror}.", 413, "file") from e
+        raise APIError(f"Could not store the file: {e}", 500) from e
     except BaseException:
         form.discard()
         raise
@@ -243,6 +261,6 @@ async def file_content(request: Request, file_id: str):
 
 @router.delete("/v1/files/{file_id}")
 async def delete_file(request: Request, file_id: str):
-    if not file_store(request.app).delete(file_id):
+    if not await to_thread.run_sync(file_store(request.app).delete, file_id):
         raise APIError(f"No such File object: {file_id}", 404, "id")
     return {"id": file_id, "object": "file", "deleted": True}

@@ -1,5 +1,5 @@
 """SGLang's native routes: /generate, /health, /health_generate, /get_model_info, /get_server_info,
-/flush_cache, /abort_request, /metrics (Prometheus text), and the parser helpers /separate_reasoning and
+/flush_cache, /abort_request, and the parser helpers /separate_reasoning and
 /parse_function_call."""
 from __future__ import annotations
 
@@ -9,22 +9,20 @@ import time
 from typing import TYPE_CHECKING
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from fastapi.responses import PlainTextResponse, Response
 
 import ember
 from ember.api.errors import APIError
 from ember.api.protocol import (
     AbortRequest, GenerateRequest, NativeSamplingParams, ParseFunctionCallRequest, SeparateReasoningRequest,
 )
+from ember.api.request_builder import fan_out, native_sampling, prompts_to_ids
+from ember.api.runner import Formatter, run
 from ember.api.serving import (
-    MAX_N, SSE_DONE, ClientDisconnected, SSEResponse, SubResult, check_overload, collect,
-    json_schema_text, new_id, parse_body, parse_logit_bias,
-    resolve_max_new_tokens, run_to_completion, stream_items, sse, sse_error, start_stream, validate_sampling,
+    MAX_N, SubResult, check_overload, collect, engine_stats, new_id, parse_body, resolve_max_new_tokens, sse,
 )
-from ember.engine.engine_client import EngineRequestError
 from ember.engine.io_struct import GenerateReq
 from ember.engine.sampling_params import SamplingParams
-from ember.frontend.tokenizer_manager import PromptError
 
 if TYPE_CHECKING:
     from ember.api.app import ServerState
@@ -37,8 +35,13 @@ def _state(request: Request) -> "ServerState":
 
 
 # ---------------------------------------------------------------------------- health and info
-@router.get("/health")
-@router.head("/health")
+# Empty bodies: documented as such in the OpenAPI schema (schemathesis checks responses against it)
+HEALTH_RESPONSES = {200: {"description": "Ready (empty body)"},
+                    503: {"description": "Loading, the engine failed, or the server is draining"}}
+
+
+@router.get("/health", response_class=Response, responses=HEALTH_RESPONSES)
+@router.head("/health", response_class=Response, responses=HEALTH_RESPONSES)
 async def health(request: Request):
     state = _state(request)
     if not state.ready:
@@ -47,7 +50,7 @@ async def health(request: Request):
     return Response(status_code=200)
 
 
-@router.get("/health_generate")
+@router.get("/health_generate", response_class=Response, responses=HEALTH_RESPONSES)
 async def health_generate(request: Request):
     state = _state(request)
     if not state.ready:
@@ -85,16 +88,6 @@ async def get_model_info(request: Request):
     }
 
 
-async def _engine_stats(state) -> dict:
-    if not state.ready:
-        return {}
-    try:
-        out = await state.engine.control("get_stats", timeout=10)
-        return dict(out.data) if out.ok else {}
-    except Exception:  # noqa: BLE001
-        return dict(state.engine.stats)
-
-
 @router.get("/get_server_info")
 @router.get("/server_info")
 async def get_server_info(request: Request):
@@ -102,24 +95,9 @@ async def get_server_info(request: Request):
     args = dataclasses.asdict(state.args)
     if args.get("api_key"):
         args["api_key"] = "<hidden>"
-    stats = await _engine_stats(state)
+    stats = await engine_stats(state)
     return {**args, "version": ember.__version__, "ready": state.ready, "engine_stats": stats,
             "internal_states": [stats], "context_length": state.tm.context_length if state.tm else None}
-
-
-@router.get("/metrics")
-async def metrics(request: Request):
-    state = _state(request)
-    stats = await _engine_stats(state)
-    lines = []
-    for key in ("total_pages", "free_pages", "cached_pages", "running", "waiting", "page_size",
-                "total_preemptions"):
-        if isinstance(stats.get(key), (int, float)):
-            lines.append(f"# TYPE ember_{key} gauge")
-            lines.append(f"ember_{key} {stats[key]}")
-    lines.append("# TYPE ember_outstanding_requests gauge")
-    lines.append(f"ember_outstanding_requests {state.engine.num_outstanding}")
-    return PlainTextResponse("\n".join(lines) + "\n", media_type="text/plain; version=0.0.4")
 
 
 @router.api_route("/flush_cache", methods=["GET", "POST"])
@@ -150,20 +128,6 @@ async def abort_request(request: Request):
 
 
 # ---------------------------------------------------------------------------- /generate
-def _native_sampling(p: NativeSamplingParams, max_new: int, vocab_size: int, logprobs: int | None) -> SamplingParams:
-    stop = [p.stop] if isinstance(p.stop, str) else [s for s in (p.stop or []) if s]
-    sp = SamplingParams(
-        max_new_tokens=max_new, min_new_tokens=p.min_new_tokens, stop=stop,
-        stop_token_ids=list(p.stop_token_ids or []), temperature=p.temperature, top_p=p.top_p, top_k=p.top_k,
-        min_p=p.min_p, top_a=p.top_a, frequency_penalty=p.frequency_penalty, presence_penalty=p.presence_penalty,
-        repetition_penalty=p.repetition_penalty, ignore_eos=p.ignore_eos, skip_special_tokens=p.skip_special_tokens,
-        logit_bias=parse_logit_bias(p.logit_bias, "sampling_params.logit_bias"),
-        seed=p.sampling_seed if p.sampling_seed is not None else p.seed,
-        logprobs=logprobs, json_schema=json_schema_text(p.json_schema), regex=p.regex, ebnf=p.ebnf)
-    validate_sampling(sp, vocab_size, {"min_tokens": "min_new_tokens", "top_logprobs": "top_logprobs_num"})
-    return sp
-
-
 def _pick(value, i, default):
     if isinstance(value, list):
         return value[i] if i < len(value) else default
@@ -188,35 +152,17 @@ async def generate(request: Request):
     tm = state.tm
     received = time.time()
 
-    # inputs
     if (body.text is None) == (body.input_ids is None):
         raise APIError("give exactly one of text or input_ids", 400, "text")
-    if body.text is not None:
-        batched = isinstance(body.text, list)
-        texts = body.text if batched else [body.text]
-        if not texts:
-            raise APIError("text is an empty list", 400, "text")
-        prompts = [tm.encode(t) for t in texts]
-    else:
-        ids = body.input_ids
-        batched = bool(ids) and isinstance(ids[0], list)
-        prompts = [list(x) for x in ids] if batched else [list(ids)]
-    for ids in prompts:
-        try:
-            tm.check_token_ids(ids, "input_ids" if body.input_ids is not None else "text")
-        except PromptError as e:
-            raise APIError(str(e), 400, e.param) from e
+    param = "text" if body.text is not None else "input_ids"
+    _, prompts, batched = prompts_to_ids(tm, body.text if body.text is not None else body.input_ids, param)
 
     # sampling params (one dict or one per prompt)
     sps_in = body.sampling_params
-    if isinstance(sps_in, list):
-        if len(sps_in) != len(prompts):
-            raise APIError(f"sampling_params has {len(sps_in)} entries for {len(prompts)} prompts", 400,
-                           "sampling_params")
-    reqs: list[GenerateReq] = []
-    base_id = new_id()
-    rids_in = body.rid
-    owners = []  # (prompt index, sample index)
+    if isinstance(sps_in, list) and len(sps_in) != len(prompts):
+        raise APIError(f"sampling_params has {len(sps_in)} entries for {len(prompts)} prompts", 400,
+                       "sampling_params")
+    sps, ns, owners, wants_prompt_lp = [], [], [], []  # owners: per engine request, its logprob options
     for i, ids in enumerate(prompts):
         p = _pick(sps_in, i, None) or NativeSamplingParams()
         if not 1 <= p.n <= MAX_N:
@@ -226,41 +172,49 @@ async def generate(request: Request):
         start_len = int(_pick(body.logprob_start_len, i, -1))
         max_new = resolve_max_new_tokens(p.max_new_tokens, len(ids), tm.context_length, "max_new_tokens",
                                          state.kv_capacity)
-        sp = _native_sampling(p, max_new, tm.vocab_size, top_num if return_logprob else None)
-        for j in range(p.n):
-            s = sp if p.n == 1 else dataclasses.replace(sp, stop=list(sp.stop), stop_token_ids=list(sp.stop_token_ids),
-                                                        logit_bias=dict(sp.logit_bias),
-                                                        seed=None if sp.seed is None else sp.seed + j)
-            rid = _pick(rids_in, i, None) if p.n == 1 else None
-            reqs.append(GenerateReq(rid=rid or "", input_ids=ids, sampling=s,
-                                    return_prompt_logprobs=return_logprob and start_len >= 0))
-            owners.append((i, return_logprob, top_num, start_len))
-    single = not batched and len(reqs) == 1
+        sps.append(native_sampling(p, max_new, tm.vocab_size, top_num if return_logprob else None))
+        ns.append(p.n)
+        wants_prompt_lp.append(return_logprob and start_len >= 0)
+        owners += [(return_logprob, top_num, start_len)] * p.n
+    single = not batched and sum(ns) == 1
+    rids_in = body.rid
     if single:
-        base_id = reqs[0].rid or base_id
-        reqs[0].rid = base_id
+        base_id = (rids_in[0] if isinstance(rids_in, list) and rids_in else rids_in) or new_id()
     else:
-        if isinstance(rids_in, str):
-            base_id = rids_in
-        for k, r in enumerate(reqs):
-            r.rid = r.rid or f"{base_id}-{k}"
+        base_id = rids_in if isinstance(rids_in, str) else new_id()
+    reqs = fan_out(base_id, prompts, sps, ns, rids=rids_in if isinstance(rids_in, list) else None,
+                   prompt_logprobs=wants_prompt_lp)
     check_overload(state.engine, state.args.max_queued_requests, len(reqs))
+    fmt = _GenerateFormatter(tm, body, reqs, owners, single, received)
+    return await run(state, request, base_id, reqs, body.stream, fmt)
 
-    def meta(k: int, r: SubResult, finished: bool) -> dict:
-        _, return_logprob, top_num, start_len = owners[k]
-        m = {"id": reqs[k].rid,
+
+class _GenerateFormatter(Formatter):
+    """SGLang's shape: {text, output_ids, meta_info} per request (a list when batched or n > 1); a stream
+    sends the whole output so far with every event."""
+
+    def __init__(self, tm, body: GenerateRequest, reqs: list[GenerateReq], owners: list, single: bool,
+                 received: float):
+        self.tm, self.body, self.reqs, self.owners, self.single, self.received = tm, body, reqs, owners, single, received
+
+    def meta(self, k: int, r: SubResult, finished: bool) -> dict:
+        return_logprob, top_num, start_len = self.owners[k]
+        m = {"id": self.reqs[k].rid,
              "finish_reason": _finish_info(r) if finished else None,
-             "prompt_tokens": r.prompt_tokens or len(reqs[k].input_ids),
+             "prompt_tokens": r.prompt_tokens or len(self.reqs[k].input_ids),
              "weight_version": "default",
              "total_retractions": 0,
              "completion_tokens": r.completion_tokens or len(r.token_ids),
              "cached_tokens": r.cached_tokens,
-             "e2e_latency": time.time() - received}
+             "e2e_latency": time.time() - self.received}
+        if r.spec_verify_ct:  # speculative decoding: decode steps (each a verify) and tokens per step
+            m["spec_verify_ct"] = r.spec_verify_ct
+            m["spec_accept_length"] = m["completion_tokens"] / r.spec_verify_ct
         if return_logprob:
-            text_too = body.return_text_in_logprobs
+            text_too = self.body.return_text_in_logprobs
 
             def tok(t):
-                return tm.token_text(t) if text_too else None
+                return self.tm.token_text(t) if text_too else None
 
             m["output_token_logprobs"] = []
             m["output_top_logprobs"] = []
@@ -270,42 +224,23 @@ async def generate(request: Request):
                 m["output_top_logprobs"].append([[float(l), tt, tok(tt)] for tt, l in (top or [])[:top_num]])
             if start_len >= 0:
                 plps = list(r.prompt_logprobs or [])
-                ids = reqs[k].input_ids
+                ids = self.reqs[k].input_ids
                 plps += [None] * (len(ids) - len(plps))
                 m["input_token_logprobs"] = [[lp, t, tok(t)] for t, lp in list(zip(ids, plps))[start_len:]]
         return m
 
-    def result(k: int, r: SubResult, finished: bool = True) -> dict:
-        return {"text": r.text, "output_ids": list(r.token_ids), "meta_info": meta(k, r, finished)}
+    def result(self, k: int, r: SubResult, finished: bool = True) -> dict:
+        return {"text": r.text, "output_ids": list(r.token_ids), "meta_info": self.meta(k, r, finished)}
 
-    if not body.stream:
-        results = await run_to_completion(state, base_id, reqs, request)
-        if results is None:
-            return JSONResponse({}, status_code=499)  # the client went away
-        out = [result(k, r) for k, r in enumerate(results)]
-        return out[0] if single else out
+    def response(self, results):
+        out = [self.result(k, r) for k, r in enumerate(results)]
+        return out[0] if self.single else out
 
-    try:
-        on_close, gen, first = await start_stream(state, base_id, reqs, request)
-    except ClientDisconnected:
-        return JSONResponse({}, status_code=499)
-
-    async def stream():
-        results = [SubResult() for _ in reqs]
-        try:
-            async for k, out in stream_items(first, gen):
-                results[k].add(out)
-                event = result(k, results[k], out.finished)
-                if not single:
-                    event["index"] = k
-                yield sse(event)
-        except EngineRequestError as e:
-            yield sse_error(e.message, e.status)
-        finally:
-            on_close()
-        yield SSE_DONE
-
-    return SSEResponse(stream(), on_close=on_close)
+    def on_output(self, k, out, result):
+        event = self.result(k, result, out.finished)
+        if not self.single:
+            event["index"] = k
+        yield sse(event)
 
 
 # ---------------------------------------------------------------------------- parser helpers

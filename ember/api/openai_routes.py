@@ -1,32 +1,22 @@
 """OpenAI-compatible routes: /v1/models, /v1/completions, /v1/chat/completions (with SGLang's extra
-response fields: matched_stop, reasoning_content, usage.reasoning_tokens, metadata.weight_version)."""
+response fields: matched_stop, reasoning_content, usage.reasoning_tokens, metadata.weight_version).
+Requests are built by request_builder.py and run by runner.py; this module only shapes the answers."""
 from __future__ import annotations
 
-import json
+import dataclasses
 import uuid
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse
 
 from ember.api.errors import APIError
 from ember.api.protocol import ChatCompletionRequest, CompletionRequest
-from ember.api.reasoning import (
-    ReasoningRequest, parse_reasoning_request, plan_reasoning, template_switches, thinking_budget,
+from ember.api.request_builder import (
+    build_sampling, check_n, fan_out, load_chat_media, prepare_chat, prompts_to_ids,
 )
-from ember.api.serving import (
-    MAX_N, SSE_DONE, ClientDisconnected, SSEResponse, SubResult, check_overload,
-    json_schema_text, new_id, now, parse_body, parse_logit_bias, 
-    resolve_max_new_tokens, run_to_completion, stream_items, sse, sse_error, start_stream, validate_sampling,
-)
-from ember.engine.engine_client import EngineRequestError
-from ember.engine.io_struct import GenerateReq
-from ember.engine.sampling_params import SamplingParams
-from ember.frontend.output_processor import (
-    DEFAULT_TOOL_PARSERS, ChoiceOutput, Delta, ForcedToolOutput, forced_tool_schema, make_output_parser,
-)
-from ember.frontend.tokenizer_manager import PromptError
+from ember.api.runner import Formatter, run
+from ember.api.serving import SubResult, check_overload, new_id, now, parse_body, resolve_max_new_tokens, sse
+from ember.frontend.output_processor import Delta
 
 if TYPE_CHECKING:
     from ember.api.app import ServerState
@@ -34,7 +24,6 @@ if TYPE_CHECKING:
 router = APIRouter()
 
 METADATA = {"weight_version": "default"}
-SAMPLING_NAMES = {"max_new_tokens": "max_tokens", "min_new_tokens": "min_tokens"}
 
 
 def _state(request: Request) -> "ServerState":
@@ -42,77 +31,6 @@ def _state(request: Request) -> "ServerState":
 
 
 # ---------------------------------------------------------------------------- helpers
-def build_sampling(req, max_new_tokens: int, vocab_size: int, logprobs: int | None,
-                   defaults: dict | None = None) -> SamplingParams:
-    """`defaults`: the model's recommended values for fields the request leaves unset."""
-    kw = dict(defaults or {})
-    for name in ("temperature", "top_p", "top_k", "min_p", "top_a", "frequency_penalty", "presence_penalty",
-                 "repetition_penalty", "seed"):
-        value = getattr(req, name)
-        if value is not None:
-            kw[name] = value
-    stop = req.stop
-    if isinstance(stop, str):
-        stop = [stop]
-    stop = [s for s in (stop or []) if s]
-    json_schema = json_schema_text(req.json_schema)
-    regex, ebnf = req.regex, req.ebnf
-    rf = req.response_format
-    if rf is not None and rf.type != "text":
-        if rf.type == "json_object":
-            json_schema = json_schema or '{"type": "object"}'
-        elif rf.type == "json_schema":
-            spec = rf.json_schema or {}
-            schema = spec.get("schema", spec.get("schema_")) if isinstance(spec, dict) else None
-            if schema is None and rf.schema_ is not None:
-                schema = rf.schema_
-            if schema is None:
-                raise APIError("response_format.json_schema.schema is required for type json_schema", 400,
-                               "response_format")
-            json_schema = json_schema_text(schema)
-        elif rf.type == "regex":
-            regex = rf.regex
-        elif rf.type == "ebnf":
-            ebnf = rf.ebnf
-        else:
-            raise APIError(f"response_format type {rf.type!r} is not supported", 400, "response_format")
-    sp = SamplingParams(
-        max_new_tokens=max_new_tokens, stop=stop, stop_token_ids=list(req.stop_token_ids or []),
-        ignore_eos=req.ignore_eos, min_new_tokens=req.min_tokens,
-        logit_bias=parse_logit_bias(req.logit_bias), skip_special_tokens=req.skip_special_tokens,
-        logprobs=logprobs, json_schema=json_schema, regex=regex, ebnf=ebnf, **kw)
-    validate_sampling(sp, vocab_size, SAMPLING_NAMES)
-    return sp
-
-
-def _check_n(req) -> int:
-    n = req.n
-    if not 1 <= n <= MAX_N:
-        raise APIError(f"n must be in [1, {MAX_N}], got {n}", 400, "n")
-    if req.best_of is not None and req.best_of != n:
-        raise APIError("best_of other than n is not supported", 400, "best_of")
-    return n
-
-
-def _sub_requests(base_id: str, prompts: list[list[int]], n: int, sp: SamplingParams,
-                  return_prompt_logprobs: bool = False) -> list[GenerateReq]:
-    total = len(prompts) * n
-    reqs = []
-    for p_idx, ids in enumerate(prompts):
-        for j in range(n):
-            idx = p_idx * n + j
-            s = sp
-            if total > 1:
-                s = SamplingParams(**{**sp.__dict__, "stop": list(sp.stop), "stop_token_ids": list(sp.stop_token_ids),
-                                      "logit_bias": dict(sp.logit_bias)})
-                if sp.seed is not None:
-                    s.seed = sp.seed + idx
-            rid = base_id if total == 1 else f"{base_id}-{idx}"
-            reqs.append(GenerateReq(rid=rid, input_ids=list(ids), sampling=s,
-                                    return_prompt_logprobs=return_prompt_logprobs))
-    return reqs
-
-
 def _usage(results: list[SubResult], prompt_lens: list[int], n: int, reasoning_tokens: int = 0) -> dict:
     prompt_tokens = 0
     cached = 0
@@ -215,106 +133,73 @@ async def completions(request: Request):
     state.require_ready()
     if req.suffix:
         raise APIError("suffix is not supported by this server", 400, "suffix")
-    n = _check_n(req)
+    n = check_n(req)
     tm = state.tm
-
-    # prompts -> token ids
-    p = req.prompt
-    if isinstance(p, str):
-        prompt_texts, prompts = [p], [tm.encode(p)]
-    elif isinstance(p, list) and p and all(isinstance(x, str) for x in p):
-        prompt_texts, prompts = list(p), [tm.encode(x) for x in p]
-    elif isinstance(p, list) and p and all(isinstance(x, int) for x in p):
-        prompt_texts, prompts = [None], [list(p)]
-    elif isinstance(p, list) and p and all(isinstance(x, list) for x in p):
-        prompt_texts, prompts = [None] * len(p), [list(x) for x in p]
-    else:
-        raise APIError("prompt must be a non-empty string, list of strings, list of token ids, or list of "
-                       "token-id lists", 400, "prompt")
-    for ids in prompts:
-        try:
-            tm.check_token_ids(ids, "prompt")
-        except PromptError as e:
-            raise APIError(str(e), 400, "prompt") from e
+    prompt_texts, prompts, _ = prompts_to_ids(tm, req.prompt, "prompt")
     if req.logprobs is not None and not 0 <= req.logprobs <= 20:
         raise APIError(f"logprobs must be in [0, 20], got {req.logprobs}", 400, "logprobs")
     max_new = [resolve_max_new_tokens(req.max_tokens, len(ids), tm.context_length, kv_capacity=state.kv_capacity)
                for ids in prompts]
     sp = build_sampling(req, max_new[0], tm.vocab_size, req.logprobs, state.sampling_defaults)
+    sps = [sp] + [dataclasses.replace(sp, max_new_tokens=m) for m in max_new[1:]]
     check_overload(state.engine, state.args.max_queued_requests, len(prompts) * n)
-
     base_id = req.rid or new_id()
-    reqs = _sub_requests(base_id, prompts, n, sp, return_prompt_logprobs=bool(req.echo and req.logprobs is not None))
-    for r, m in zip(reqs, [m for m in max_new for _ in range(n)]):
-        r.sampling.max_new_tokens = m if len(reqs) > 1 else r.sampling.max_new_tokens
-    model = _model_name(state, req)
-    created = now()
-    prompt_lens = [len(x) for x in prompts]
+    echo_logprobs = bool(req.echo and req.logprobs is not None)
+    reqs = fan_out(base_id, prompts, sps, [n] * len(prompts), prompt_logprobs=[echo_logprobs] * len(prompts))
+    fmt = _CompletionFormatter(state, req, base_id, prompt_texts, prompts, n, len(reqs))
+    return await run(state, request, base_id, reqs, req.stream, fmt)
 
-    def prompt_text(p_idx: int) -> str:
-        t = prompt_texts[p_idx]
-        return t if t is not None else tm.decode(prompts[p_idx], skip_special_tokens=False)
 
-    if not req.stream:
-        results = await run_to_completion(state, base_id, reqs, request)
-        if results is None:
-            return JSONResponse({}, status_code=499)  # the client went away
-        choices = []
+class _CompletionFormatter(Formatter):
+    def __init__(self, state, req: CompletionRequest, base_id: str, prompt_texts, prompts, n: int, total: int):
+        self.state, self.req, self.base_id, self.n = state, req, base_id, n
+        self.prompt_texts, self.prompts = prompt_texts, prompts
+        self.model, self.created = _model_name(state, req), now()
+        self.prompt_lens = [len(x) for x in prompts]
+        self.include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        self.lpbs = [_CompletionLogprobs(state, req.logprobs or 0) for _ in range(total)]
+        self.echoed = [False] * total
+
+    def prompt_text(self, p_idx: int) -> str:
+        t = self.prompt_texts[p_idx]
+        return t if t is not None else self.state.tm.decode(self.prompts[p_idx], skip_special_tokens=False)
+
+    def response(self, results: list[SubResult]) -> dict:
+        req, choices = self.req, []
         for idx, r in enumerate(results):
-            p_idx = idx // n
-            text = r.text
-            lp = None
+            p_idx = idx // self.n
+            text, lp = r.text, None
             if req.logprobs is not None:
-                lpb = _CompletionLogprobs(state, req.logprobs)
-                lp = lpb.block(r.token_ids, r.logprobs, r.prompt_logprobs,
-                               prompts[p_idx] if req.echo else None)
+                lp = _CompletionLogprobs(self.state, req.logprobs).block(
+                    r.token_ids, r.logprobs, r.prompt_logprobs, self.prompts[p_idx] if req.echo else None)
             if req.echo:
-                text = prompt_text(p_idx) + text
+                text = self.prompt_text(p_idx) + text
             choices.append({"index": idx, "text": text, "logprobs": lp,
                             "finish_reason": _finish_reason(r.finish_reason), "matched_stop": _matched(r)})
-        return {"id": base_id, "object": "text_completion", "created": created, "model": model,
-                "choices": choices, "usage": _usage(results, prompt_lens, n), "metadata": METADATA}
+        return {"id": self.base_id, "object": "text_completion", "created": self.created, "model": self.model,
+                "choices": choices, "usage": _usage(results, self.prompt_lens, self.n), "metadata": METADATA}
 
-    include_usage = bool(req.stream_options and req.stream_options.include_usage)
-    try:
-        on_close, gen, first = await start_stream(state, base_id, reqs, request)
-    except ClientDisconnected:
-        return JSONResponse({}, status_code=499)
+    def on_output(self, idx, out, result):
+        req = self.req
+        p_idx = idx // self.n
+        text, lp, echo_ids = out.text_delta, None, None
+        if req.echo and not self.echoed[idx]:
+            self.echoed[idx] = True
+            text = self.prompt_text(p_idx) + text
+            echo_ids = self.prompts[p_idx]
+        if req.logprobs is not None:
+            lp = self.lpbs[idx].block(out.new_token_ids, out.logprobs or [], out.prompt_logprobs, echo_ids)
+        if text or out.finished or lp:
+            yield sse({"id": self.base_id, "object": "text_completion", "created": self.created, "model": self.model,
+                       "choices": [{"index": idx, "text": text, "logprobs": lp,
+                                    "finish_reason": out.finish_reason if out.finished else None,
+                                    "matched_stop": _matched(out) if out.finished else None}],
+                       "usage": None})
 
-    async def stream():
-        results = [SubResult() for _ in reqs]
-        lpbs = [_CompletionLogprobs(state, req.logprobs or 0) for _ in reqs]
-        echoed = [False] * len(reqs)
-        try:
-            async for idx, out in stream_items(first, gen):
-                results[idx].add(out)
-                p_idx = idx // n
-                text = out.text_delta
-                lp = None
-                echo_ids = None
-                if req.echo and not echoed[idx]:
-                    echoed[idx] = True
-                    text = prompt_text(p_idx) + text
-                    echo_ids = prompts[p_idx]
-                if req.logprobs is not None:
-                    lp = lpbs[idx].block(out.new_token_ids, out.logprobs or [], out.prompt_logprobs, echo_ids)
-                if text or out.finished or lp:
-                    chunk = {"id": base_id, "object": "text_completion", "created": created, "model": model,
-                             "choices": [{"index": idx, "text": text, "logprobs": lp,
-                                          "finish_reason": out.finish_reason if out.finished else None,
-                                          "matched_stop": _matched(out) if out.finished else None}],
-                             "usage": None}
-                    yield sse(chunk)
-            if include_usage:
-                yield sse({"id": base_id, "object": "text_completion", "created": created, "model": model,
-                           "choices": [], "usage": _usage(results, prompt_lens, n)})
-        except EngineRequestError as e:
-            yield sse_error(e.message, e.status)
-        finally:
-            on_close()
-        yield SSE_DONE
-
-    return SSEResponse(stream(), on_close=on_close)
+    def finish(self, results):
+        if self.include_usage:
+            yield sse({"id": self.base_id, "object": "text_completion", "created": self.created,
+                       "model": self.model, "choices": [], "usage": _usage(results, self.prompt_lens, self.n)})
 
 
 # ---------------------------------------------------------------------------- /v1/chat/completions
@@ -323,120 +208,35 @@ def _tool_call_dict(call: dict, index: int) -> dict:
             "function": {"name": call.get("name"), "arguments": call.get("arguments") or ""}}
 
 
-@dataclass
-class PreparedChat:
-    """A chat request turned into what the engine and the output parsers need (shared with the
-    Anthropic-style /v1/messages, which maps its request onto a ChatCompletionRequest)."""
-    prompt_ids: list[int]
-    sp: SamplingParams
-    rr: ReasoningRequest
-    top_n: int | None
-    new_output: Callable[[], "ChoiceOutput | ForcedToolOutput"]
-
-
-def prepare_chat(state: "ServerState", req: ChatCompletionRequest, raw: dict) -> PreparedChat:
-    """Tools, reasoning effort, chat template, max tokens, sampling, constrained tool calls, parsers."""
-    tm = state.tm
-    args = state.args
-    tools = None
-    tool_choice = req.tool_choice if req.tool_choice is not None else ("auto" if req.tools else "none")
-    if req.tools and tool_choice != "none":
-        tools = [t for t in raw.get("tools") or []]
-        if not isinstance(tool_choice, str):  # a named tool: offer just that one
-            name = tool_choice.function.name
-            tools = [t for t in tools if (t.get("function") or {}).get("name") == name]
-            if not tools:
-                raise APIError(f"tool_choice names {name!r}, which is not in tools", 400, "tool_choice")
-    if tool_choice == "required" or not isinstance(tool_choice, str):
-        if not req.tools:
-            raise APIError("tool_choice requires tools", 400, "tool_choice")
-
-    rr = parse_reasoning_request(req)
-    template_kwargs = template_switches(rr, req.chat_template_kwargs or {})
-    messages = raw.get("messages")
-    try:
-        prompt_text = tm.render_chat(messages, tools=tools, add_generation_prompt=req.add_generation_prompt,
-                                     continue_final_message=req.continue_final_message,
-                                     template_kwargs=template_kwargs)
-        plan = plan_reasoning(rr, args.reasoning_parser, prompt_text, template_kwargs)
-        prompt_ids = tm.encode_chat(prompt_text + plan.prompt_suffix)
-    except PromptError as e:
-        raise APIError(str(e), 400, e.param or "messages") from e
-    if not prompt_ids:
-        raise APIError("the rendered prompt is empty", 400, "messages")
-
-    requested = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
-    param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
-    max_new = resolve_max_new_tokens(requested, len(prompt_ids), tm.context_length, param, state.kv_capacity)
-    top_n = None
-    if req.logprobs:
-        top_n = req.top_logprobs or 0
-        if not 0 <= top_n <= 20:
-            raise APIError(f"top_logprobs must be in [0, 20], got {top_n}", 400, "top_logprobs")
-    elif req.top_logprobs:
-        raise APIError("top_logprobs requires logprobs=true", 400, "top_logprobs")
-    sp = build_sampling(req, max_new, tm.vocab_size, top_n, state.sampling_defaults)
-
-    # tool_choice "required" or a named function: the engine constrains the output to JSON tool calls
-    forced = tools is not None and (tool_choice == "required" or not isinstance(tool_choice, str))
-    named = None if not forced or isinstance(tool_choice, str) else tool_choice.function.name
-    if forced:
-        if sp.json_schema or sp.regex or sp.ebnf:
-            raise APIError("response_format cannot be combined with tool_choice required or a named tool", 400,
-                           "response_format")
-        try:
-            sp.json_schema = json.dumps(forced_tool_schema(tools, named, req.parallel_tool_calls is not False))
-        except ValueError as e:
-            raise APIError(str(e), 400, "tool_choice") from e
-
-    # reasoning effort: the engine closes the thinking block when its budget is spent
-    if not (forced or sp.json_schema or sp.regex or sp.ebnf):
-        budget = thinking_budget(rr, plan, max_new)
-        if budget is not None:
-            sp.thinking_budget, sp.think_end = budget, plan.think_end
-
-    # output parsers
-    reasoning_parser = args.reasoning_parser if req.separate_reasoning and not forced and plan.use_parser else None
-    tool_parser = None
-    if tools:
-        tool_parser = args.tool_call_parser or DEFAULT_TOOL_PARSERS.get(state.model_type or "")
-    force_reasoning = plan.force_reasoning
-
-    def new_output():
-        if forced:
-            return ForcedToolOutput(named)
-        try:
-            return ChoiceOutput(make_output_parser(reasoning_parser, tool_parser, tools, force_reasoning))
-        except Exception as e:  # noqa: BLE001 - e.g. parsers not available
-            raise APIError(f"could not set up the output parser: {e}", 500) from e
-
-    return PreparedChat(prompt_ids, sp, rr, top_n, new_output)
-
-
 @router.post("/v1/chat/completions")
 async def chat_completions(request: Request):
     state = _state(request)
     req, raw = await parse_body(request, ChatCompletionRequest)
     state.require_ready()
-    n = _check_n(req)
-    chat = prepare_chat(state, req, raw)
-    prompt_ids, sp, rr, top_n = chat.prompt_ids, chat.sp, chat.rr, chat.top_n
-    tm = state.tm
-    args = state.args
+    n = check_n(req)
+    raw, media = await load_chat_media(state, raw, request.app)  # image_url / video_url parts
+    chat = prepare_chat(state, req, raw, media)
     outputs = [chat.new_output() for _ in range(n)]
-    check_overload(state.engine, args.max_queued_requests, n)
+    check_overload(state.engine, state.args.max_queued_requests, n)
     base_id = req.rid or new_id()
-    reqs = _sub_requests(base_id, [prompt_ids], n, sp)
-    model = _model_name(state, req)
-    created = now()
+    reqs = fan_out(base_id, [chat.prompt_ids], [chat.sp], [n], mm=chat.mm)
+    return await run(state, request, base_id, reqs, req.stream, _ChatFormatter(state, req, chat, outputs, base_id))
 
-    if not req.stream:
-        results = await run_to_completion(state, base_id, reqs, request)
-        if results is None:
-            return JSONResponse({}, status_code=499)  # the client went away
+
+class _ChatFormatter(Formatter):
+    def __init__(self, state, req: ChatCompletionRequest, chat, outputs, base_id: str):
+        self.state, self.req, self.chat, self.outputs, self.base_id = state, req, chat, outputs, base_id
+        self.n = len(outputs)
+        self.model, self.created = _model_name(state, req), now()
+        self.include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        self.seen_calls = [set() for _ in outputs]
+        self.held = [""] * self.n  # reasoning held back (stream_reasoning=false)
+
+    def response(self, results: list[SubResult]) -> dict:
+        req, rr, tm = self.req, self.chat.rr, self.state.tm
         choices = []
         reasoning_tokens = 0
-        for idx, (r, o) in enumerate(zip(results, outputs)):
+        for idx, (r, o) in enumerate(zip(results, self.outputs)):
             o.feed(r.text)
             o.finish()
             tool_calls = [_tool_call_dict(c, i) for i, c in enumerate(o.tool_calls)] or None
@@ -451,40 +251,46 @@ async def chat_completions(request: Request):
                 content = None
             lp = None
             if req.logprobs:
-                lp = {"content": _chat_logprob_entries(state, r.token_ids, r.logprobs, top_n or 0)}
+                lp = {"content": _chat_logprob_entries(self.state, r.token_ids, r.logprobs, self.chat.top_n or 0)}
             choices.append({
                 "index": idx,
                 "message": {"role": "assistant", "content": content, "reasoning_content": reasoning,
                             "reasoning": reasoning, "tool_calls": tool_calls},
                 "logprobs": lp, "finish_reason": finish, "matched_stop": matched})
-        return {"id": base_id, "object": "chat.completion", "created": created, "model": model,
-                "choices": choices, "usage": _usage(results, [len(prompt_ids)], n, reasoning_tokens),
+        return {"id": self.base_id, "object": "chat.completion", "created": self.created, "model": self.model,
+                "choices": choices, "usage": _usage(results, [len(self.chat.prompt_ids)], self.n, reasoning_tokens),
                 "metadata": METADATA}
 
-    include_usage = bool(req.stream_options and req.stream_options.include_usage)
-    try:
-        on_close, gen, first = await start_stream(state, base_id, reqs, request)
-    except ClientDisconnected:
-        return JSONResponse({}, status_code=499)
-
-    def chunk(idx: int, delta: dict, finish=None, matched=None, logprobs=None) -> str:
-        return sse({"id": base_id, "object": "chat.completion.chunk", "created": created, "model": model,
+    def chunk(self, idx: int, delta: dict, finish=None, matched=None, logprobs=None) -> str:
+        return sse({"id": self.base_id, "object": "chat.completion.chunk", "created": self.created,
+                    "model": self.model,
                     "choices": [{"index": idx, "delta": delta, "logprobs": logprobs, "finish_reason": finish,
                                  "matched_stop": matched}],
                     "usage": None})
 
-    def delta_dict(d: Delta, idx: int, seen_calls: set) -> dict:
+    def delta_dict(self, d: Delta, idx: int) -> dict:
         out = {}
         if d.content:
             out["content"] = d.content
-        if d.reasoning and not rr.exclude:
+        if d.reasoning and not self.chat.rr.exclude:
             out["reasoning_content"] = out["reasoning"] = d.reasoning
         if d.tool_calls:
-            calls = []
+            # One entry per call index in a chunk, as OpenAI streams them: the parser yields a call's name and
+            # its arguments as two deltas of one feed when a whole <tool_call> block arrives at once, and a
+            # client that reads one entry per index per chunk would lose the arguments.
+            calls, by_index = [], {}
+            seen = self.seen_calls[idx]
             for c in d.tool_calls:
+                prev = by_index.get(c.index)
+                if prev is not None:
+                    prev["function"]["arguments"] += c.arguments or ""
+                    if c.name and not prev["function"].get("name"):
+                        prev["function"]["name"] = c.name
+                    continue
                 entry = {"index": c.index, "type": "function", "function": {"arguments": c.arguments or ""}}
-                if c.index not in seen_calls:
-                    seen_calls.add(c.index)
+                by_index[c.index] = entry
+                if c.index not in seen:
+                    seen.add(c.index)
                     entry["id"] = c.id or f"call_{uuid.uuid4().hex[:24]}"
                 elif c.id:
                     entry["id"] = c.id
@@ -494,46 +300,39 @@ async def chat_completions(request: Request):
             out["tool_calls"] = calls
         return out
 
-    async def stream():
-        results = [SubResult() for _ in reqs]
-        seen_calls = [set() for _ in reqs]
-        held = [""] * len(reqs)  # reasoning held back (stream_reasoning=false)
-        try:
-            for idx in range(n):
-                yield chunk(idx, {"role": "assistant", "content": ""})
-            async for idx, out in stream_items(first, gen):
-                results[idx].add(out)
-                o = outputs[idx]
-                d = o.feed(out.text_delta)
-                lp = None
-                if req.logprobs and out.new_token_ids:
-                    lp = {"content": _chat_logprob_entries(state, out.new_token_ids, out.logprobs or [],
-                                                           top_n or 0)}
-                if out.finished:
-                    tail = o.finish()
-                    d = Delta(d.content + tail.content, d.reasoning + tail.reasoning, d.tool_calls + tail.tool_calls)
-                if not req.stream_reasoning:  # the reasoning in one piece, once it is complete
-                    held[idx] += d.reasoning
-                    d.reasoning = ""
-                    if held[idx] and (d.content or d.tool_calls or out.finished):
-                        d.reasoning, held[idx] = held[idx], ""
-                dd = delta_dict(d, idx, seen_calls[idx])
-                if dd or lp:
-                    yield chunk(idx, dd, logprobs=lp)
-                if out.finished:
-                    finish = out.finish_reason
-                    matched = _matched(out)
-                    if o.tool_calls and finish == "stop":
-                        finish, matched = "tool_calls", None
-                    yield chunk(idx, {}, finish, matched)
-            if include_usage:
-                rt = sum(tm.count_tokens(o.reasoning) for o in outputs)
-                yield sse({"id": base_id, "object": "chat.completion.chunk", "created": created, "model": model,
-                           "choices": [], "usage": _usage(results, [len(prompt_ids)], n, rt)})
-        except EngineRequestError as e:
-            yield sse_error(e.message, e.status)
-        finally:
-            on_close()
-        yield SSE_DONE
+    def start(self, first):
+        for idx in range(self.n):
+            yield self.chunk(idx, {"role": "assistant", "content": ""})
 
-    return SSEResponse(stream(), on_close=on_close)
+    def on_output(self, idx, out, result):
+        req = self.req
+        o = self.outputs[idx]
+        d = o.feed(out.text_delta)
+        lp = None
+        if req.logprobs and out.new_token_ids:
+            lp = {"content": _chat_logprob_entries(self.state, out.new_token_ids, out.logprobs or [],
+                                                   self.chat.top_n or 0)}
+        if out.finished:
+            tail = o.finish()
+            d = Delta(d.content + tail.content, d.reasoning + tail.reasoning, d.tool_calls + tail.tool_calls)
+        if not req.stream_reasoning:  # the reasoning in one piece, once it is complete
+            self.held[idx] += d.reasoning
+            d.reasoning = ""
+            if self.held[idx] and (d.content or d.tool_calls or out.finished):
+                d.reasoning, self.held[idx] = self.held[idx], ""
+        dd = self.delta_dict(d, idx)
+        if dd or lp:
+            yield self.chunk(idx, dd, logprobs=lp)
+        if out.finished:
+            finish = out.finish_reason
+            matched = _matched(out)
+            if o.tool_calls and finish == "stop":
+                finish, matched = "tool_calls", None
+            yield self.chunk(idx, {}, finish, matched)
+
+    def finish(self, results):
+        if self.include_usage:
+            rt = sum(self.state.tm.count_tokens(o.reasoning) for o in self.outputs)
+            yield sse({"id": self.base_id, "object": "chat.completion.chunk", "created": self.created,
+                       "model": self.model, "choices": [],
+                       "usage": _usage(results, [len(self.chat.prompt_ids)], self.n, rt)})

@@ -25,16 +25,19 @@ class ResponseFormat(_Lenient):
 
 
 class _SamplingFields(_Lenient):
-    """Sampling fields shared by /v1/completions and /v1/chat/completions."""
+    """Sampling fields shared by /v1/completions and /v1/chat/completions. The ranges are seed 002's
+    (e.g. temperature 0.0 to 2.0): a value outside gets 400 naming the field. repetition_penalty 0 and
+    top_p 0 pass here; SamplingParams.validate rejects the penalty (it divides by it), and top_p 0 means
+    the most likely token only (build_sampling)."""
     model: str | None = None
-    temperature: float | None = None
-    top_p: float | None = None
-    top_k: int | None = None
-    min_p: float | None = None
-    top_a: float | None = None
-    frequency_penalty: float | None = None
-    presence_penalty: float | None = None
-    repetition_penalty: float | None = None
+    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
+    top_p: float | None = Field(default=None, ge=0.0, le=1.0)
+    top_k: int | None = Field(default=None, ge=0)  # 0: off (seed 002's default)
+    min_p: float | None = Field(default=None, ge=0.0, le=1.0)
+    top_a: float | None = Field(default=None, ge=0.0, le=1.0)
+    frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
+    presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
+    repetition_penalty: float | None = Field(default=None, ge=0.0, le=2.0)
     seed: int | None = None
     stop: str | list[str] | None = None
     stop_token_ids: list[int] | None = None
@@ -120,10 +123,11 @@ class OutputConfig(_Lenient):
 
 class ChatCompletionRequest(_SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = None
-    max_completion_tokens: int | None = None
+    max_tokens: int | None = Field(default=None, ge=1)  # seed 002: >= 1
+    max_completion_tokens: int | None = Field(default=None, ge=1)
     logprobs: bool = False
-    top_logprobs: int | None = None
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
+    structured_outputs: bool | None = None  # seed 002: a capability flag; response_format does the work
     tools: list[Tool] | None = None
     tool_choice: Union[Literal["none", "auto", "required"], NamedToolChoice, None] = None
     parallel_tool_calls: bool | None = True

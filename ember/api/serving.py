@@ -1,5 +1,6 @@
-"""Shared machinery of the routes: turning requests into engine requests, fan-out (n>1, batches),
-client-disconnect handling, SSE, and the limits every route checks (context length, queue)."""
+"""Shared machinery under the runner (runner.py) and the builder (request_builder.py): body parsing, the
+limits every route checks (context length, queue), merged outputs of a fan-out, client-disconnect
+handling and SSE."""
 from __future__ import annotations
 
 import asyncio
@@ -12,6 +13,7 @@ from typing import AsyncIterator
 import anyio
 from fastapi import Request
 from pydantic import BaseModel, ValidationError
+from starlette.requests import ClientDisconnect
 from starlette.responses import StreamingResponse
 
 from ember.api.errors import APIError, error_body, validation_message
@@ -32,7 +34,10 @@ def now() -> int:
 
 async def parse_body(request: Request, model: type[BaseModel]) -> tuple[BaseModel, dict]:
     """The validated body and the raw JSON. Malformed JSON and schema violations raise APIError(400)."""
-    raw = await request.body()
+    try:
+        raw = await request.body()
+    except ClientDisconnect:  # gone while sending the body: nobody reads the answer, no traceback either
+        raise APIError("The client disconnected while sending the request.", 499) from None
     try:
         data = json.loads(raw) if raw else None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -127,8 +132,10 @@ class SubResult:
     cached_tokens: int = 0
     logprobs: list = field(default_factory=list)
     prompt_logprobs: list | None = None
+    spec_verify_ct: int = 0
 
     def add(self, out: TokenOut) -> None:
+        self.spec_verify_ct = getattr(out, "spec_verify_ct", 0) or self.spec_verify_ct
         self.text += out.text_delta
         self.token_ids.extend(out.new_token_ids)
         if out.logprobs:
@@ -178,6 +185,8 @@ class MergedOutputs:
             for st in self.streams:
                 st.close()
             raise
+        metrics = getattr(engine, "metrics", None)  # ember.api.metrics: every API's outputs pass here
+        self.tracker = metrics.track(len(reqs)) if metrics is not None else None
         self._q: asyncio.Queue | None = None
         self._tasks: list[asyncio.Task] = []
         self._remaining = len(self.streams)
@@ -204,16 +213,21 @@ class MergedOutputs:
     async def __anext__(self) -> tuple[int, TokenOut]:
         try:
             if self._q is None:
-                return 0, await self.streams[0].__anext__()
-            while self._remaining:
-                i, item = await self._q.get()
-                if item is self._DONE:
-                    self._remaining -= 1
-                    continue
-                if isinstance(item, Exception):
-                    raise item
-                return i, item
-            raise StopAsyncIteration
+                i, item = 0, await self.streams[0].__anext__()
+            else:
+                while True:
+                    if not self._remaining:
+                        raise StopAsyncIteration
+                    i, item = await self._q.get()
+                    if item is self._DONE:
+                        self._remaining -= 1
+                        continue
+                    if isinstance(item, Exception):
+                        raise item
+                    break
+            if self.tracker is not None:
+                self.tracker.on_output(i, item)
+            return i, item
         except StopAsyncIteration:
             raise
         except BaseException:
@@ -221,6 +235,9 @@ class MergedOutputs:
             raise
 
     def close(self) -> None:
+        if self.tracker is not None:
+            self.tracker.close()
+            self.tracker = None
         for t in self._tasks:
             if not t.done():
                 t.cancel()
@@ -273,6 +290,17 @@ async def collect(engine: EngineClient, reqs: list[GenerateReq], request: Reques
         raise ClientDisconnected()
     finally:
         gen.close()
+
+
+async def engine_stats(state) -> dict:
+    """The engine's stats (KV pools, queues, speculation), or the last ones it reported if it does not answer."""
+    if not state.ready:
+        return {}
+    try:
+        out = await state.engine.control("get_stats", timeout=10)
+        return dict(out.data) if out.ok else {}
+    except Exception:  # noqa: BLE001
+        return dict(state.engine.stats)
 
 
 def engine_error(e: EngineRequestError) -> APIError:

@@ -40,6 +40,9 @@ class _Collector:
         meta = {"id": self.rid, "finish_reason": finish, "matched_stop": o.matched_stop,
                 "prompt_tokens": o.prompt_tokens, "completion_tokens": o.completion_tokens,
                 "cached_tokens": o.cached_tokens}
+        if o.spec_verify_ct:  # speculative decoding (SGLang's names)
+            meta["spec_verify_ct"] = o.spec_verify_ct
+            meta["spec_accept_length"] = o.completion_tokens / o.spec_verify_ct
         if self.logprobs:
             meta["output_token_logprobs"] = self.logprobs
         return {"text": self.text, "output_ids": self.output_ids, "meta_info": meta}
@@ -129,4 +132,4 @@ class Engine:
         return self.core.flush_cache()
 
     def shutdown(self) -> None:
-        pass
+        self.core.shutdown()  # the worker ranks of --tp-size > 1

@@ -79,6 +79,7 @@ class EngineClient:
         self._send_sock = None
         self._recv_sock = None
         self._closed = False
+        self.aborts_sent = 0  # engine requests aborted (clients gone, /abort_request, shutdown): /metrics
 
     # ---------------------------------------------------------------- lifecycle
     def start_process(self) -> None:
@@ -196,6 +197,7 @@ class EngineClient:
 
     def abort(self, rid: str) -> None:
         if self.alive and not self._closed:
+            self.aborts_sent += 1
             try:
                 self._send(AbortReq(rid))
             except Exception:  # noqa: BLE001

@@ -12,7 +12,7 @@ import torch
 from ember.engine.detokenizer import IncrementalDetokenizer
 from ember.engine.grammar import GrammarBackend
 from ember.engine.io_struct import GenerateReq, TokenOut
-from ember.engine.model_runner import ModelRunner
+from ember.distributed.driver import make_runner
 from ember.engine.radix_cache import RadixCache
 from ember.engine.request import Req
 from ember.engine.sampler import Sampler
@@ -44,23 +44,24 @@ class EngineCore:
         from ember.loader import resolve_model_dir
 
         self.args = args = server_args or ServerArgs.from_kwargs(**kwargs)
+        self.step_rids: list[str] | None = None  # the requests of the step running now
+        self.fault_hook = None  # tests only: called once a step has scheduled its batch
         torch.manual_seed(args.random_seed)
         self.model_dir = resolve_model_dir(args.model_path)
         self.hf_config = AutoConfig.from_pretrained(self.model_dir, trust_remote_code=args.trust_remote_code)
         self.tokenizer = AutoTokenizer.from_pretrained(args.tokenizer_path or self.model_dir,
                                                        trust_remote_code=args.trust_remote_code)
-        self.runner = ModelRunner(self.model_dir, self.hf_config, args)
+        self.runner = make_runner(self.model_dir, self.hf_config, args)  # rank 0 of --tp-size ranks
         cfg = self.runner.config
         self.vocab_size = cfg.vocab_size
         self.context_length = args.context_length or cfg.max_position_embeddings
         self.eos_token_ids = eos_token_ids_of(self.model_dir, self.hf_config, self.tokenizer)
         kv = self.runner.kv_cache
         radix = None
-        if not args.disable_radix_cache:
-            if "swa" in kv.groups:
-                logger.info("prefix cache disabled: sliding-window layers keep only the window")
-            else:
-                radix = RadixCache(kv.allocators["full"], kv.page_size)
+        if not args.disable_radix_cache:  # hybrid models: the tree keeps the window of the sliding layers too
+            swa = "swa" in kv.groups
+            radix = RadixCache(kv.allocators["full"], kv.page_size, kv.allocators.get("swa"),
+                               self.runner.window if swa else None)
         self.radix = radix
         self.scheduler = Scheduler(kv.allocators, kv.page_size, window=self.runner.window, radix=radix,
                                    max_running=args.max_running_requests,
@@ -71,6 +72,8 @@ class EngineCore:
         self._aborted: list[Req] = []
         self._think_end_ids: dict[str, list[int]] = {}
         self.num_generated = 0
+        from ember.speculative import make_spec_worker
+        self.spec = make_spec_worker(self, args)  # None unless --speculative-algorithm
 
     # ------------------------------------------------------------------ requests
     def add_request(self, g: GenerateReq) -> None:
@@ -91,6 +94,8 @@ class EngineCore:
             raise ValueError(f"request needs {total} tokens of KV cache but the pool holds only {capacity}")
         req = Req(g.rid, list(g.input_ids), sp, return_prompt_logprobs=g.return_prompt_logprobs)
         req.detok = IncrementalDetokenizer(self.tokenizer, req.prompt_ids, sp.stop, sp.skip_special_tokens)
+        if g.mm is not None:
+            self._attach_media(req, g.mm)
         compiling = self.grammar.submit(sp)
         if compiling is None:
             self.scheduler.add(req)
@@ -126,6 +131,11 @@ class EngineCore:
     def has_work(self) -> bool:
         return self.scheduler.has_work() or bool(self._aborted or self._compiling)
 
+    def shutdown(self) -> None:
+        """Stop the other tensor-parallel ranks, if any."""
+        if hasattr(self.runner, "shutdown"):
+            self.runner.shutdown()
+
     def flush_cache(self) -> bool:
         if self.scheduler.has_work():
             return False
@@ -142,14 +152,35 @@ class EngineCore:
             "running": len(self.scheduler.running),
             "waiting": len(self.scheduler.waiting),
             "total_preemptions": self.scheduler.total_preemptions,
-            "pools": {g: {"total": a.total, "free": a.num_free} for g, a in kv.allocators.items()},
+            "speculative": self.spec.stats() if self.spec is not None else None,
+            "avg_spec_accept_length": self.spec.stats()["avg_accept_length"] if self.spec is not None else None,
+            "pools": {g: {"total": a.total, "free": a.num_free, "cached": self._cached_pages(g)}
+                      for g, a in kv.allocators.items()},
+            "memory_plan": self.runner.memory_plan.to_dict() if hasattr(self.runner, "memory_plan") else None,
+            "weights_path": vars(self.runner.weights_path) if hasattr(self.runner, "weights_path") else None,
         }
 
-    def prompt_logits(self, token_ids: list[int]) -> torch.Tensor:
+    def _cached_pages(self, group: str) -> int:
+        if self.radix is None:
+            return 0
+        return self.radix.num_swa_pages if group == "swa" else self.radix.num_pages
+
+    def _attach_media(self, req: Req, mm) -> None:
+        """Images/video: the model must take them; placeholder tokens are keyed by content in the prefix cache."""
+        if not hasattr(self.runner.model, "encode_items"):
+            name = str(self.model_dir).rstrip("/").split("/")[-1]
+            raise ValueError(f"model {name} does not accept image or "
+                             "video inputs (text only)")
+        req.mm = mm
+        req.token_ids = mm.keyed_ids(req.prompt_ids)
+
+    def prompt_logits(self, token_ids: list[int], mm=None) -> torch.Tensor:
         """Logits [len, vocab] at every prompt position, computed outside the batch loop (prompt
         logprobs, tests). Uses temporary pages; needs an idle engine or a pool with room."""
         from ember.engine.sampling_params import SamplingParams
         req = Req("_prompt_logits", list(token_ids), SamplingParams())
+        if mm is not None:
+            self._attach_media(req, mm)
         for g in self.runner.kv_cache.groups:
             req.page_tables[g] = []
         if not self.scheduler._try_alloc(req, len(token_ids)):
@@ -165,9 +196,19 @@ class EngineCore:
             self._admit_compiled()
         outs = [self._report(r) for r in self._aborted]
         self._aborted.clear()
+        self.step_rids = None
         batch = self.scheduler.schedule()
         if batch is None:
             return outs
+        # the requests this step runs: if it raises, the engine process fails these and keeps the rest
+        self.step_rids = [r.rid for r in batch.reqs]
+        if self.fault_hook is not None:  # tests: EMBER_TEST_FAULT_STEPS (ember/engine/engine_process.py)
+            self.fault_hook()
+        for req in batch.reqs:  # first forward of a request: how long it queued (sglang:queue_time_seconds)
+            if req.queue_time is None:
+                req.queue_time = time.monotonic() - req.arrival
+        if self.spec is not None:  # draft, verify in one forward, accept, roll back (ember/speculative)
+            return outs + self.spec.step(self, batch)
         wants_prompt = [r.return_prompt_logprobs and r.kv_len < len(r.prompt_ids) for r in batch.reqs]
         if any(wants_prompt):
             logits, full = self.runner.forward(batch.reqs, batch.extend_lens, full_rows=wants_prompt)
@@ -234,7 +275,9 @@ class EngineCore:
         if req.grammar is not None and not req.grammar.is_terminated():
             req.grammar.accept_token(tok)
         is_stop_token = (tok in sp.stop_token_ids) or (not sp.ignore_eos and tok in self.eos_token_ids)
-        if is_stop_token:
+        # a grammar that has accepted its end admits nothing more: the request ends there (as SGLang), even
+        # with ignore_eos, since the matcher cannot give a next-token mask after its end
+        if is_stop_token or (req.grammar is not None and req.grammar.is_terminated()):
             req.finished, req.finish_reason, req.matched_stop = True, "stop", tok
         else:
             matched = req.detok.add(tok)
@@ -252,7 +295,8 @@ class EngineCore:
             rid=req.rid, new_token_ids=req.pending_ids, text_delta=req.detok.take_delta(final=req.finished),
             finished=req.finished, finish_reason=req.finish_reason, matched_stop=req.matched_stop,
             prompt_tokens=len(req.prompt_ids), completion_tokens=req.num_output,
-            cached_tokens=req.cached_tokens or 0, logprobs=req.pending_logprobs or None, error=req.error)
+            cached_tokens=req.cached_tokens or 0, logprobs=req.pending_logprobs or None, error=req.error,
+            queue_time=req.queue_time)
         if req.prompt_logprobs is not None and len(req.prompt_logprobs) == len(req.prompt_ids):
             out.prompt_logprobs, req.prompt_logprobs = req.prompt_logprobs, None
             req.return_prompt_logprobs = False  # sent once; a recompute after preemption skips it

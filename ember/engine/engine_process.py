@@ -5,7 +5,13 @@ Messages out (engine -> API, one pickled list per message): TokenOut, ControlOut
 EngineStats, and once at start EngineReady or EngineFailed.
 
 The process dies with its parent: a watchdog thread polls the parent pid (plus PR_SET_PDEATHSIG on Linux),
-so killing the API process never leaves an engine behind holding memory.
+so killing the API process never leaves an engine behind holding memory. It ignores SIGINT and SIGTERM:
+the API process stops it once its requests are drained (a signal sent to the whole process group must
+not cut them short). A step that runs past --watchdog-timeout makes it exit (the API process follows).
+
+Test hooks (environment variables, read once at start): EMBER_TEST_FAULT_STEPS="1,5" makes those engine
+steps (counted from 1, steps that had work) raise before running; EMBER_TEST_HANG_STEPS="2" makes them
+never return (for the watchdog).
 """
 from __future__ import annotations
 
@@ -24,6 +30,42 @@ from ember.engine.io_struct import AbortReq, ControlOut, ControlReq, GenerateReq
 logger = logging.getLogger("ember.engine")
 
 STATS_INTERVAL_S = 0.25
+
+
+def _steps_from_env(name: str) -> set[int]:
+    value = os.environ.get(name, "")
+    return {int(x) for x in value.split(",") if x.strip().isdigit()}
+
+
+class InjectedFault(RuntimeError):
+    """Raised by the EMBER_TEST_FAULT_STEPS hook."""
+
+
+def _raiser(message: str):
+    def fault():
+        raise InjectedFault(message)
+    return fault
+
+
+class StepWatchdog:
+    """Exits the process when one step runs longer than `timeout` seconds (a hung kernel or deadlock
+    would otherwise hang every request forever). Polled by a daemon thread."""
+
+    def __init__(self, timeout: float):
+        self.timeout = timeout
+        self.started: float | None = None
+        threading.Thread(target=self._watch, name="ember-step-watchdog", daemon=True).start()
+
+    def _watch(self) -> None:
+        period = max(0.05, min(1.0, self.timeout / 4))
+        while True:
+            time.sleep(period)
+            started = self.started
+            if started is not None and time.monotonic() - started > self.timeout:
+                logger.error("watchdog: an engine step has run for more than %.1f s (--watchdog-timeout); "
+                             "the engine exits", self.timeout)
+                logging.shutdown()
+                os._exit(3)
 
 
 @dataclass
@@ -101,6 +143,7 @@ def _vocab_size(core) -> int:
 def run_engine_process(server_args, in_addr: str, out_addr: str, parent_pid: int) -> None:
     """Entry point of the engine process (started with the multiprocessing "spawn" context)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the API process, which stops us
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # so does SIGTERM (after draining its requests)
     _die_with_parent(parent_pid)
     _configure_logging(server_args.log_level)
 
@@ -142,15 +185,18 @@ def run_engine_process(server_args, in_addr: str, out_addr: str, parent_pid: int
     logger.info("engine ready: %s (context length %d)", ready.model_dir, ready.context_length)
     send([ready])
     try:
-        _loop(core, inp, send)
+        _loop(core, inp, send, StepWatchdog(float(getattr(server_args, "watchdog_timeout", 300.0) or 300.0)))
     finally:
         out.close(linger=1000)
         inp.close(linger=0)
         ctx.term()
 
 
-def _loop(core, inp, send) -> None:
+def _loop(core, inp, send, watchdog: StepWatchdog) -> None:
     import zmq
+    fault_steps = _steps_from_env("EMBER_TEST_FAULT_STEPS")
+    hang_steps = _steps_from_env("EMBER_TEST_HANG_STEPS")
+    n_steps = 0
     live: set[str] = set()  # rids the engine is working on (to fail them if a step crashes)
     last_stats = 0.0
     was_busy = False
@@ -192,18 +238,28 @@ def _loop(core, inp, send) -> None:
         if core.has_work():
             was_busy = True
             t_step = time.perf_counter()
+            n_steps += 1
+            watchdog.started = time.monotonic()
             try:
+                if n_steps in fault_steps:  # raised inside the step, once its batch is scheduled
+                    core.fault_hook = _raiser(f"fault injected into engine step {n_steps} (EMBER_TEST_FAULT_STEPS)")
+                while n_steps in hang_steps:  # EMBER_TEST_HANG_STEPS: a step that never returns
+                    time.sleep(1)
                 step_outs = core.step()
-            except Exception as e:  # noqa: BLE001 - fail the requests, keep serving
+            except Exception as e:  # noqa: BLE001 - fail the step's requests, keep serving the others
                 logger.error("engine step failed", exc_info=True)
-                for rid in list(live):
+                failed = set(core.step_rids) & live if core.step_rids is not None else set(live)
+                for rid in failed:
                     outs.append(ReqError(rid, f"internal engine error: {type(e).__name__}: {e}", 500))
                     try:
                         core.abort(rid)
                     except Exception:  # noqa: BLE001
                         pass
-                live.clear()
+                live.difference_update(failed)
                 step_outs = []
+            finally:
+                watchdog.started = None
+                core.fault_hook = None
             for o in step_outs:
                 if o.finished:
                     live.discard(o.rid)

@@ -16,6 +16,8 @@ class GenerateReq:
     sampling: SamplingParams
     # return logprobs of the prompt tokens too (completions echo)
     return_prompt_logprobs: bool = False
+    # images/video: ember.multimodal.inputs.MultimodalInputs (placeholder spans, processed pixels, M-RoPE)
+    mm: object = None
 
 
 @dataclass
@@ -53,3 +55,6 @@ class TokenOut:
     logprobs: list[tuple[float, list[tuple[int, float]]]] | None = None
     prompt_logprobs: list[float | None] | None = None
     error: str | None = None
+    queue_time: float | None = None  # seconds the request waited before its first forward
+    spec_verify_ct: int = 0  # speculative decoding: verify forwards so far, and the tokens they produced
+    spec_verified_tokens: int = 0

@@ -38,9 +38,12 @@ class PageAllocator:
         self._free.extend(p for p in pages if p > 0)
 
 
+LayerShape = tuple[int, int, int]  # (kv heads, key dim, value dim) per token; MLA: (1, latent + rope dim, 0)
+
+
 class KVCache:
     def __init__(self, groups: dict[str, list[int]], pages_per_group: dict[str, int], page_size: int,
-                 num_kv_heads: int, head_dim: int, dtype: torch.dtype, device):
+                 layer_shapes: dict[int, LayerShape], dtype: torch.dtype, device):
         self.page_size = page_size
         self.allocators = {g: PageAllocator(pages_per_group[g]) for g in groups}
         self.layer_group = {layer: g for g, layers in groups.items() for layer in layers}
@@ -48,12 +51,15 @@ class KVCache:
         self.v: dict[int, torch.Tensor] = {}
         for layer, g in self.layer_group.items():
             slots = pages_per_group[g] * page_size
-            self.k[layer] = torch.zeros(slots, num_kv_heads, head_dim, dtype=dtype, device=device)
-            self.v[layer] = torch.zeros(slots, num_kv_heads, head_dim, dtype=dtype, device=device)
+            heads, k_dim, v_dim = layer_shapes[layer]
+            self.k[layer] = torch.zeros(slots, heads, k_dim, dtype=dtype, device=device)
+            self.v[layer] = torch.zeros(slots, heads, v_dim, dtype=dtype, device=device)
 
     @staticmethod
-    def bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
-        return num_layers * 2 * num_kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
+    def bytes_per_token(shapes: list[LayerShape], dtype: torch.dtype) -> int:
+        """KV bytes one token takes in the layers of `shapes`."""
+        size = torch.empty((), dtype=dtype).element_size()
+        return sum(heads * (k_dim + v_dim) for heads, k_dim, v_dim in shapes) * size
 
     def layer(self, layer_id: int):
         return self.k[layer_id], self.v[layer_id]

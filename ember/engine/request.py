@@ -25,6 +25,7 @@ class Req:
     matched_stop: int | str | None = None
     num_preemptions: int = 0
     arrival: float = field(default_factory=time.monotonic)
+    queue_time: float | None = None  # seconds from arrival to its first forward (the /metrics histogram)
     # outputs produced since the last report
     pending_ids: list[int] = field(default_factory=list)
     pending_logprobs: list = field(default_factory=list)
@@ -33,6 +34,7 @@ class Req:
     error: str | None = None
     forced_ids: list[int] = field(default_factory=list)  # tokens to emit next regardless of sampling
     thinking_closed: bool = False
+    mm: object = None  # ember.multimodal.inputs.MultimodalInputs; token_ids then hold its keyed placeholder ids
 
     def __post_init__(self):
         self.token_ids = list(self.prompt_ids)

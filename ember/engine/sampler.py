@@ -93,7 +93,7 @@ class Sampler:
         vocabulary order, or, when sorting is needed, the sorted candidates (only the top max(top_k) when
         every sampling row has a top_k: a partial sort instead of sorting the whole vocabulary)."""
         B, V = probs.shape
-        ks = [1 if sp.greedy else (sp.top_k if sp.top_k > 0 else V) for sp in sps]
+        ks = [1 if sp.greedy else (min(sp.top_k, V) if sp.top_k > 0 else V) for sp in sps]  # (top_k > V: all)
         token_ids = torch.arange(V, device=probs.device).expand(B, V)
         if any(sp.top_k > 0 or sp.top_p < 1.0 for sp in sps if not sp.greedy):
             K = max(ks)

@@ -43,6 +43,8 @@ class SamplingParams:
         self.logit_bias = {int(k): float(v) for k, v in (self.logit_bias or {}).items()}
         if self.top_k is None or self.top_k <= 0:
             self.top_k = -1
+        if self.seed is not None and not -2**63 <= self.seed < 2**63:
+            self.seed %= 2**63  # any integer is a seed; the sampler hashes it as a 64-bit tensor
 
     @property
     def greedy(self) -> bool:

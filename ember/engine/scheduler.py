@@ -5,6 +5,9 @@ a request in the middle of a chunked prefill contributes its next chunk), then n
 requests, until the token budget (`chunked_prefill_size`) or `max_running_requests` is reached. Pages are
 allocated before the step; when the pool is short we first evict unused prefix-cache pages, then preempt
 the most recently admitted request (its KV is dropped and recomputed later, its output so far is kept).
+
+Sliding-window layers ("swa" group) only keep the window: pages a request has moved a window past go back to
+the pool, or, when they belong to the prefix cache, are just unlocked (the tree keeps them until evicted).
 """
 from __future__ import annotations
 
@@ -29,6 +32,8 @@ class Scheduler:
         self.page_size = page_size
         self.window = window  # sliding window of the "swa" group
         self.radix = radix
+        if radix is not None and "swa" in allocators and radix.swa_allocator is not allocators["swa"]:
+            raise ValueError("the prefix cache of a sliding-window model must hold the swa pool too")
         self.max_running = max_running
         self.chunk_size = chunk_size
         self.waiting: deque[Req] = deque()
@@ -62,8 +67,10 @@ class Scheduler:
         """A finished request leaves the batch; its full pages go to the prefix cache."""
         self.running.remove(req)
         if self.radix is not None:
-            self.radix.insert(req.token_ids[:req.kv_len], req.page_tables["full"], req.prefix_nodes)
-            req.page_tables["full"] = []
+            self.radix.insert(req.token_ids[:req.kv_len], req.page_tables["full"], req.prefix_nodes,
+                              swa_pages=req.page_tables.get("swa"))
+            for g in req.page_tables:
+                req.page_tables[g] = []
             req.prefix_nodes = []
         self.release(req)
 
@@ -72,14 +79,17 @@ class Scheduler:
         arriving while it still runs (a common system prompt) reuse them."""
         if self.radix is not None and req.kv_len >= (len(req.prefix_nodes) + 1) * self.page_size:
             req.prefix_nodes = self.radix.insert(req.token_ids[:req.kv_len], req.page_tables["full"],
-                                                 req.prefix_nodes, keep=True)
+                                                 req.prefix_nodes, keep=True, swa_pages=req.page_tables.get("swa"))
 
     def release(self, req: Req) -> None:
         """Free every page the request owns and unlock the cached prefix it used."""
         shared = len(req.prefix_nodes)
         for g, table in req.page_tables.items():
-            own = table[shared:] if g == "full" else table
-            self.allocators[g].free(own)
+            if g == "swa":  # the swa pages of the cached prefix still inside the window: unlock only
+                for node, page in zip(req.prefix_nodes, table):
+                    if page:
+                        self.radix.unlock_swa(node)
+            self.allocators[g].free(table[shared:])
             req.page_tables[g] = []
         if self.radix is not None and req.prefix_nodes:
             self.radix.unlock(req.prefix_nodes)
@@ -96,18 +106,30 @@ class Scheduler:
         if table is None or self.window is None:
             return
         first_needed = max(0, req.kv_len - self.window + 1)
-        for i in range(min(first_needed // self.page_size, len(table))):
-            if table[i]:
+        shared = len(req.prefix_nodes)
+        # released pages are a leading run of the table: walk back from the window's edge to the last one
+        i = min(first_needed // self.page_size, len(table)) - 1
+        while i >= 0 and table[i]:
+            if i < shared:
+                self.radix.unlock_swa(req.prefix_nodes[i])  # the prefix cache keeps the page
+            else:
                 self.allocators["swa"].free([table[i]])
-                table[i] = 0
+            table[i] = 0
+            i -= 1
 
     def _try_alloc(self, req: Req, upto: int) -> bool:
         """Give req pages for positions < upto in every group; all-or-nothing."""
         need = {g: self.pages_needed(upto) - len(req.page_tables[g]) for g in self.allocators}
         if any(n > self.allocators[g].num_free for g, n in need.items()):
-            short = need.get("full", 0) - self.allocators["full"].num_free if "full" in need else 0
-            if self.radix is not None and short > 0:
-                self.radix.evict(short)
+            if self.radix is not None:
+                short = need.get("full", 0) - self.allocators["full"].num_free
+                if short > 0:
+                    self.radix.evict(short)  # frees the swa pages of evicted leaves too
+                if "swa" in need:
+                    short = need["swa"] - self.allocators["swa"].num_free
+                    if short > 0:  # the tree keeps swa pages until this pool runs short, so this is the steady
+                        # state: free a batch at a time, so the scan of the tree is paid once per many pages
+                        self.radix.evict_swa(max(short, self.allocators["swa"].total // 32))
             if any(n > self.allocators[g].num_free for g, n in need.items()):
                 return False
         for g, n in need.items():
@@ -159,6 +181,8 @@ class Scheduler:
                 self.radix.lock(nodes)
                 req.prefix_nodes = nodes
                 req.page_tables["full"] = [n.page for n in nodes]
+                if "swa" in req.page_tables:
+                    req.page_tables["swa"] = self.radix.lock_swa(nodes)
                 req.kv_len = len(nodes) * self.page_size
             if req.cached_tokens is None:
                 req.cached_tokens = req.kv_len

@@ -1,14 +1,26 @@
-"""C++ kernels, compiled on first use for the CPU they run on (torch.utils.cpp_extension, cached).
+"""C++ kernels, compiled on first use (torch.utils.cpp_extension, cached), one build per instruction set.
 
-`load_group_gemm()` builds `vnni_gemm.cpp` (the group-quantized GEMM, `torch.ops.ember.group_gemm`) and
-`fused_decode.cpp` (a whole decode step around it, `torch.classes.ember.DecodeStack`) with `-march=native`,
-so AVX-512 VNNI is used where the CPU has it and a portable loop where it does not. The build takes about a
-minute once; the result is cached under ~/.cache/torch_extensions, keyed by the sources and the CPU's flags.
+`vnni_gemm.cpp` is the group-quantized GEMM (`torch.ops.ember.group_gemm`), `fused_decode.cpp` a whole
+decode step around it (`torch.classes.ember.DecodeStack`) and `moe_experts.cpp` a whole MoE expert layer on it
+(`torch.ops.ember.moe_experts`). Each is built in variants with fixed compiler
+flags rather than `-march=native`, so that a variant can be built and tested on any x86 machine that runs it:
+
+  avx512    AVX-512 VNNI (`vpdpbusd`, 16 rows per register)
+  avxvnni   the avx2 kernel with AVX-VNNI's 256-bit `vpdpbusd` (Intel Alder Lake, Sierra Forest and later)
+  avx2      AVX2 + FMA + F16C (`vpmaddubsw` + `vpmaddwd`): every x86-64 server of the last decade
+  portable  no SIMD flags: the scalar loop (a reference; every build also has it as `group_gemm_reference`)
+
+The process's variant is the best one the CPU's flags (/proc/cpuinfo) allow, or `EMBER_KERNEL_ISA` (e.g.
+`avx2`, to measure the AVX2 path on an AVX-512 machine); it registers under the torch namespace `ember`.
+Another variant, loaded for a test, registers under `ember_<variant>`. A build takes about a minute once and
+is cached under ~/.cache/torch_extensions, keyed by the sources, the variant and its namespace.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
+import os
 import threading
 from pathlib import Path
 
@@ -16,35 +28,92 @@ import torch
 
 logger = logging.getLogger(__name__)
 _lock = threading.Lock()
-_loaded = False
+_loaded: dict[str, str] = {}  # variant -> torch namespace
+_default: str | None = None
+_forced: list[str] = []  # variants forced by `forced_variant`, innermost last
+
+_AVX2 = ["-mavx", "-mavx2", "-mfma", "-mf16c"]
+VARIANT_FLAGS = {
+    "avx512": [*_AVX2, "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512vnni"],
+    "avxvnni": [*_AVX2, "-mavxvnni"],
+    "avx2": _AVX2,
+    "portable": [],
+}
+# /proc/cpuinfo flags each variant needs
+_NEEDS = {"avx512": {"avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni"},
+          "avxvnni": {"avx2", "fma", "f16c", "avx_vnni"}, "avx2": {"avx2", "fma", "f16c"}, "portable": set()}
 
 
-def _cpu_key() -> str:
+def cpu_flags() -> set[str]:
     try:
-        flags = next((line for line in open("/proc/cpuinfo") if line.startswith("flags")), "")
+        line = next((line for line in open("/proc/cpuinfo") if line.startswith("flags")), "")
     except OSError:
-        flags = ""
-    return hashlib.sha1(flags.encode()).hexdigest()[:8]
+        line = ""
+    return set(line.partition(":")[2].split())
 
 
-def load_group_gemm() -> None:
-    """Compile (once per source and CPU) and load the group-quantized GEMM; raises with the compiler's
-    message if there is no working C++ toolchain."""
-    global _loaded
+def supported_variants(flags: set[str] | None = None) -> list[str]:
+    """The variants this CPU can run, best first."""
+    flags = cpu_flags() if flags is None else flags
+    return [v for v in VARIANT_FLAGS if _NEEDS[v] <= flags]
+
+
+def default_variant() -> str:
+    """The process's variant: `EMBER_KERNEL_ISA` if set, else the best the CPU runs (fixed at first use)."""
+    global _default
+    if _default is None:
+        wanted = os.environ.get("EMBER_KERNEL_ISA", "").strip().lower()
+        supported = supported_variants()
+        if wanted and wanted not in supported:
+            raise RuntimeError(f"EMBER_KERNEL_ISA={wanted!r}: this CPU runs {', '.join(supported)}")
+        _default = wanted or supported[0]
+    return _default
+
+
+def current_variant() -> str:
+    """The variant new quantized layers use: a `forced_variant` in effect, else the process's default."""
+    return _forced[-1] if _forced else default_variant()
+
+
+@contextlib.contextmanager
+def forced_variant(variant: str):
+    """Layers built inside use `variant`'s kernels (the tests run the AVX2 path on an AVX-512 machine)."""
+    if variant not in supported_variants():
+        raise RuntimeError(f"this CPU cannot run the {variant} kernels")
+    _forced.append(variant)
+    try:
+        yield
+    finally:
+        _forced.pop()
+
+
+def load_variant(variant: str) -> str:
+    """Compile (once per source and variant) and load a variant; returns its torch namespace (`ember` for the
+    process's default). Raises with the compiler's message if there is no working C++ toolchain."""
     with _lock:
-        if _loaded:
-            return
+        if variant in _loaded:
+            return _loaded[variant]
         from torch.utils import cpp_extension
 
+        ns = "ember" if variant == default_variant() else f"ember_{variant}"
         here = Path(__file__).parent
-        sources = [here / "vnni_gemm.cpp", here / "fused_decode.cpp"]
-        # the name keys the cache: a changed source or header, or another CPU, builds anew
+        sources = [here / "vnni_gemm.cpp", here / "fused_decode.cpp", here / "moe_experts.cpp"]
+        # the name keys the cache: a changed source or header, or another variant, builds anew
         digest = hashlib.sha1(b"".join(p.read_bytes() for p in [*sources, here / "group_gemm.h"])).hexdigest()[:8]
-        name = f"ember_kernels_{_cpu_key()}_{digest}"
+        name = f"ember_kernels_{variant}_{ns}_{digest}"
         try:
-            cpp_extension.load(name=name, sources=[str(p) for p in sources], extra_cflags=["-O3", "-march=native"],
+            cpp_extension.load(name=name, sources=[str(p) for p in sources],
+                               extra_cflags=["-O3", *VARIANT_FLAGS[variant], f"-DEMBER_NS={ns}"],
                                extra_include_paths=[str(here)], is_python_module=False, verbose=False)
         except Exception as exc:  # noqa: BLE001 - surface the build failure with the reason
             raise RuntimeError(f"building the group-quantized CPU kernel failed (needs g++ and ninja): {exc}") from exc
-        _loaded = True
-        logger.info("group GEMM kernel loaded (AVX-512 VNNI: %s)", torch.ops.ember.has_vnni_kernel())
+        built = getattr(torch.ops, ns).kernel_isa()
+        assert built == variant, f"the {variant} build compiled the {built} path"
+        _loaded[variant] = ns
+        logger.info("group GEMM kernels loaded: %s (torch.ops.%s)", variant, ns)
+        return ns
+
+
+def load_group_gemm() -> str:
+    """Load the kernels of `current_variant()`; returns their torch namespace (`ember` unless forced)."""
+    return load_variant(current_variant())

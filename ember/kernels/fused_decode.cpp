@@ -24,11 +24,17 @@
 #if defined(__AVX512F__)
 #include <immintrin.h>
 #define EMBER_AVX512 1
+#define EMBER_AVX2 0
+#elif defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#define EMBER_AVX512 0
+#define EMBER_AVX2 1
 #else
 #define EMBER_AVX512 0
+#define EMBER_AVX2 0
 #endif
 
-namespace ember {
+namespace EMBER_NS {
 namespace {
 
 #if EMBER_AVX512
@@ -45,6 +51,25 @@ inline __m512 exp16(__m512 x) {
 }
 
 inline __mmask16 tail_mask(int64_t left) { return left >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << left) - 1); }
+#elif EMBER_AVX2
+// exp16's method on 8 lanes; 2^n is built in the exponent bits (n is within -126..127 after the clamp).
+inline __m256 exp8(__m256 x) {
+  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.f)), _mm256_set1_ps(88.f));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.f / 720);
+  for (const float c : {1.f / 120, 1.f / 24, 1.f / 6, 0.5f, 1.f, 1.f}) p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(c));
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+
+inline float hsum8(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
 #endif
 
 // x[i] = exp(x[i] - shift); returns the sum.
@@ -60,7 +85,17 @@ float exp_shifted(float* x, int64_t n, float shift) {
   }
   sum = _mm512_reduce_add_ps(acc);
 #else
-  for (int64_t i = 0; i < n; ++i) sum += (x[i] = std::exp(x[i] - shift));
+  int64_t i = 0;
+#if EMBER_AVX2
+  __m256 acc = _mm256_setzero_ps();
+  for (; i + 8 <= n; i += 8) {
+    const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(x + i), _mm256_set1_ps(shift)));
+    _mm256_storeu_ps(x + i, e);
+    acc = _mm256_add_ps(acc, e);
+  }
+  sum = hsum8(acc);
+#endif
+  for (; i < n; ++i) sum += (x[i] = std::exp(x[i] - shift));
 #endif
   return sum;
 }
@@ -71,6 +106,12 @@ float dot(const float* a, const float* b, int64_t n) {
     __m512 acc = _mm512_setzero_ps();
     for (int64_t i = 0; i < n; i += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), acc);
     return _mm512_reduce_add_ps(acc);
+  }
+#elif EMBER_AVX2
+  if (n % 8 == 0) {
+    __m256 acc = _mm256_setzero_ps();
+    for (int64_t i = 0; i < n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
+    return hsum8(acc);
   }
 #endif
   float s = 0.f;
@@ -85,6 +126,13 @@ void axpy(float* y, float a, const float* x, int64_t n) {
     const __m512 av = _mm512_set1_ps(a);
     for (int64_t i = 0; i < n; i += 16)
       _mm512_storeu_ps(y + i, _mm512_fmadd_ps(av, _mm512_loadu_ps(x + i), _mm512_loadu_ps(y + i)));
+    return;
+  }
+#elif EMBER_AVX2
+  if (n % 8 == 0) {
+    const __m256 av = _mm256_set1_ps(a);
+    for (int64_t i = 0; i < n; i += 8)
+      _mm256_storeu_ps(y + i, _mm256_fmadd_ps(av, _mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i)));
     return;
   }
 #endif
@@ -116,6 +164,13 @@ void silu_mul(const float* gate_up, float* out, int64_t I) {
     const __m512 g = _mm512_loadu_ps(gate_up + i), u = _mm512_loadu_ps(gate_up + I + i);
     const __m512 sig = _mm512_div_ps(one, _mm512_add_ps(one, exp16(_mm512_sub_ps(_mm512_setzero_ps(), g))));
     _mm512_storeu_ps(out + i, _mm512_mul_ps(_mm512_mul_ps(g, sig), u));
+  }
+#elif EMBER_AVX2
+  const __m256 one = _mm256_set1_ps(1.f);
+  for (; i + 8 <= I; i += 8) {
+    const __m256 g = _mm256_loadu_ps(gate_up + i), u = _mm256_loadu_ps(gate_up + I + i);
+    const __m256 sig = _mm256_div_ps(one, _mm256_add_ps(one, exp8(_mm256_sub_ps(_mm256_setzero_ps(), g))));
+    _mm256_storeu_ps(out + i, _mm256_mul_ps(_mm256_mul_ps(g, sig), u));
   }
 #endif
   for (; i < I; ++i) out[i] = gate_up[i] / (1.f + std::exp(-gate_up[i])) * gate_up[I + i];
@@ -285,10 +340,10 @@ class DecodeStack : public torch::CustomClassHolder {
   float eps_, scale_;
 };
 
-}  // namespace ember
+}  // namespace EMBER_NS
 
-TORCH_LIBRARY_FRAGMENT(ember, m) {
-  m.class_<ember::DecodeStack>("DecodeStack")
+TORCH_LIBRARY_FRAGMENT(EMBER_NS, m) {
+  m.class_<EMBER_NS::DecodeStack>("DecodeStack")
       .def(torch::init<std::vector<at::Tensor>, std::vector<int64_t>, double, double>())
-      .def("forward", &ember::DecodeStack::forward);
+      .def("forward", &EMBER_NS::DecodeStack::forward);
 }

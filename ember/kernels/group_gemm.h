@@ -5,7 +5,13 @@
 
 #include <cstdint>
 
-namespace ember {
+// Each build variant (ember/kernels/__init__.py: avx512, avx2, portable) is compiled into its own C++ and
+// torch namespace, so that several variants can live in one process (the tests compare them).
+#ifndef EMBER_NS
+#define EMBER_NS ember
+#endif
+
+namespace EMBER_NS {
 
 constexpr int64_t kGroup = 32;  // inputs per quantization group
 
@@ -20,6 +26,8 @@ struct GroupWeight {
 GroupWeight group_weight(const at::Tensor& qweight, const at::Tensor& dw, const at::Tensor& mw, int64_t n);
 
 // y[M, n] = x[M, k] W^T, with the activations quantized into the scratch xq [M*k], xd and xs [M*k/32].
-void group_gemm_rows(const float* x, int64_t M, const GroupWeight& w, float* y, int8_t* xq, float* xd, float* xs);
+// reference: the portable scalar loop instead of the build's SIMD kernel (for the tests).
+void group_gemm_rows(const float* x, int64_t M, const GroupWeight& w, float* y, int8_t* xq, float* xd, float* xs,
+                     bool reference = false);
 
-}  // namespace ember
+}  // namespace EMBER_NS

@@ -1,14 +1,18 @@
-// Group-quantized GEMM for CPU decode: u4 or u8 weights x s8 activations, with AVX-512 VNNI.
+// Group-quantized GEMM for CPU decode: u4 or u8 weights x s8 activations, on AVX-512 VNNI or AVX2.
 //
 // Why: batch-1 decode reads every weight once per token, so it is bound by memory bandwidth; torch's own
 // int4/int8 CPU kernels read more bytes per weight than llama.cpp's blocks and convert to bf16 on the way.
 // This kernel follows llama.cpp's Q4_1 x Q8_0 idea (groups of 32 along K, integer dot products) with a
 // layout made for VNNI: 16 output rows sit in the 16 int32 lanes of one register, so `vpdpbusd` adds four
-// k-products per lane and no horizontal sum is ever needed.
+// k-products per lane and no horizontal sum is ever needed. On AVX2 (no VNNI) the same layout is read as two
+// halves of 8 rows, and the products go through `vpmaddubsw` (u8 x s8 pairs into saturating int16), which is
+// exact here: a pair of 4-bit codes times |a| <= 127 is at most 3,810, and eight such pairs (a whole group)
+// still fit int16; 8-bit codes are split into two 4-bit nibbles first. Every path adds the same integers and
+// applies the same float epilogue in the same order, so all agree bit for bit with the portable loop.
 //
 // Math, per output row n and activation row m, over groups g of 32 inputs:
 //   weight  w[n,k] ~= dw[n,g] * q[n,k] + mw[n,g]        (q unsigned: 0..15 or 0..255)
-//   input   x[m,k] ~= xd[m,g] * a[m,k]                  (a signed int8, per-group absmax scale)
+//   input   x[m,k] ~= xd[m,g] * a[m,k]                  (a signed int8 in -127..127, per-group absmax scale)
 //   y[m,n]  = sum_g dw*xd * sum_k q*a  +  mw * (xd * sum_k a)
 // Each activation row is computed with the same instructions whatever the batch size, so a request's
 // result does not depend on what it is batched with.
@@ -27,14 +31,28 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <string>
 #if defined(__AVX512F__) && defined(__AVX512VNNI__) && defined(__AVX512BW__)
 #include <immintrin.h>
 #define EMBER_VNNI 1
+#define EMBER_AVX2 0
+#elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#include <immintrin.h>
+#define EMBER_VNNI 0
+#define EMBER_AVX2 1
 #else
 #define EMBER_VNNI 0
+#define EMBER_AVX2 0
 #endif
 
-namespace ember {
+// AVX-VNNI (Intel since Alder Lake / Sierra Forest): `vpdpbusd` on 256 bits, the AVX2 tile without the int16 step
+#if EMBER_AVX2 && defined(__AVXVNNI__)
+#define EMBER_AVXVNNI 1
+#else
+#define EMBER_AVXVNNI 0
+#endif
+
+namespace EMBER_NS {
 namespace {
 
 constexpr int64_t G = kGroup;  // inputs per group
@@ -114,7 +132,84 @@ void tile_vnni(const uint8_t* w, const at::Half* dw, const at::Half* mw, int64_t
 }
 #endif
 
-// Portable fallback with the same math (no VNNI): slower, used only where the CPU lacks AVX-512 VNNI.
+#if EMBER_AVX2
+// One tile of 16 output rows (two halves of 8) against NM (1..4) activation rows.
+template <int BITS, int NM>
+void tile_avx2(const uint8_t* w, const at::Half* dw, const at::Half* mw, int64_t ng, const int8_t* xq,
+               const float* xd, const float* xs, int64_t K, float* y, int64_t ldy, int64_t rows) {
+  __m256 acc[NM][2];
+  for (int m = 0; m < NM; ++m) acc[m][0] = acc[m][1] = _mm256_setzero_ps();
+  const __m256i low4 = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1), sixteen = _mm256_set1_epi16(16);
+  constexpr int64_t bytes = BITS == 4 ? 256 : 512;
+  for (int64_t g = 0; g < ng; ++g) {
+    const uint8_t* p = w + g * bytes;
+    for (int64_t off = 0; off < bytes; off += 64) _mm_prefetch(reinterpret_cast<const char*>(p + kPrefetch + off), _MM_HINT_T0);
+    // codes of both halves (rows 8h..8h+7: bytes 32h..32h+31 of each 64-byte chunk), so that each activation
+    // broadcast serves 16 rows; lo[h][t] holds those for inputs 4t..4t+3 (8-bit: low nibbles; hi: high ones)
+    __m256i lo[2][8], hi[2][BITS == 4 ? 1 : 8];
+    __m256 d[2], mn[2];
+    for (int h = 0; h < 2; ++h) {
+      if constexpr (BITS == 4) {
+        for (int c = 0; c < 4; ++c) {
+          const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 64 * c + 32 * h));
+          lo[h][c] = _mm256_and_si256(raw, low4);
+          lo[h][c + 4] = _mm256_and_si256(_mm256_srli_epi16(raw, 4), low4);
+        }
+      } else {
+        for (int t = 0; t < 8; ++t) {
+          const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 64 * t + 32 * h));
+          if constexpr (EMBER_AVXVNNI) {
+            lo[h][t] = raw;  // whole bytes: vpdpbusd adds u8 x s8 into int32, exact
+          } else {
+            lo[h][t] = _mm256_and_si256(raw, low4);
+            hi[h][t] = _mm256_and_si256(_mm256_srli_epi16(raw, 4), low4);
+          }
+        }
+      }
+      d[h] = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(dw + g * T + 8 * h)));
+      mn[h] = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(mw + g * T + 8 * h)));
+    }
+    for (int m = 0; m < NM; ++m) {
+      const int8_t* a = xq + m * K + g * G;
+      __m256i s16[2] = {_mm256_setzero_si256(), _mm256_setzero_si256()};
+      __m256i h16[2] = {_mm256_setzero_si256(), _mm256_setzero_si256()};
+      for (int t = 0; t < 8; ++t) {
+        int32_t a4;
+        std::memcpy(&a4, a + 4 * t, 4);
+        const __m256i av = _mm256_set1_epi32(a4);
+        for (int h = 0; h < 2; ++h) {
+#if EMBER_AVXVNNI
+          s16[h] = _mm256_dpbusd_avx_epi32(s16[h], lo[h][t], av);  // int32 sums here
+#else
+          s16[h] = _mm256_add_epi16(s16[h], _mm256_maddubs_epi16(lo[h][t], av));
+          if constexpr (BITS == 8) h16[h] = _mm256_add_epi16(h16[h], _mm256_maddubs_epi16(hi[h][t], av));
+#endif
+        }
+      }
+      const __m256 xdm = _mm256_set1_ps(xd[m * ng + g]), xsm = _mm256_set1_ps(xs[m * ng + g]);
+      for (int h = 0; h < 2; ++h) {
+        __m256i s = s16[h];
+        if constexpr (!EMBER_AVXVNNI) {
+          s = _mm256_madd_epi16(s16[h], ones);
+          if constexpr (BITS == 8) s = _mm256_add_epi32(s, _mm256_madd_epi16(h16[h], sixteen));
+        }
+        acc[m][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_mul_ps(d[h], xdm), acc[m][h]);
+        acc[m][h] = _mm256_fmadd_ps(mn[h], xsm, acc[m][h]);
+      }
+    }
+  }
+  for (int h = 0; h < 2; ++h) {
+    const int64_t left = rows - 8 * h;
+    if (left <= 0) break;
+    const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    const __m256i keep = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int32_t>(std::min<int64_t>(left, 8))), lanes);
+    for (int m = 0; m < NM; ++m) _mm256_maskstore_ps(y + m * ldy + 8 * h, keep, acc[m][h]);
+  }
+}
+#endif
+
+// The portable loop with the same math: the reference the SIMD paths are tested against, and the kernel of a
+// build without AVX2 (slow).: slower, used only where the CPU lacks AVX-512 VNNI.
 template <int BITS>
 void tile_scalar(const uint8_t* w, const at::Half* dw, const at::Half* mw, int64_t ng, const int8_t* xq,
                  const float* xd, const float* xs, int64_t K, float* y, int64_t ldy, int64_t rows, int nm) {
@@ -148,13 +243,22 @@ void tile_scalar(const uint8_t* w, const at::Half* dw, const at::Half* mw, int64
 
 template <int BITS>
 void run_tile(const uint8_t* w, const at::Half* dw, const at::Half* mw, int64_t ng, const int8_t* xq,
-              const float* xd, const float* xs, int64_t K, float* y, int64_t ldy, int64_t rows, int nm) {
+              const float* xd, const float* xs, int64_t K, float* y, int64_t ldy, int64_t rows, int nm,
+              bool reference) {
+  if (reference) return tile_scalar<BITS>(w, dw, mw, ng, xq, xd, xs, K, y, ldy, rows, nm);
 #if EMBER_VNNI
   switch (nm) {
     case 1: return tile_vnni<BITS, 1>(w, dw, mw, ng, xq, xd, xs, K, y, ldy, rows);
     case 2: return tile_vnni<BITS, 2>(w, dw, mw, ng, xq, xd, xs, K, y, ldy, rows);
     case 3: return tile_vnni<BITS, 3>(w, dw, mw, ng, xq, xd, xs, K, y, ldy, rows);
     default: return tile_vnni<BITS, 4>(w, dw, mw, ng, xq, xd, xs, K, y, ldy, rows);
+  }
+#elif EMBER_AVX2
+  switch (nm) {
+    case 1: return tile_avx2<BITS, 1>(w, dw, mw, ng, xq, xd, xs, K, y, ldy, rows);
+    case 2: return tile_avx2<BITS, 2>(w, dw, mw, ng, xq, xd, xs, K, y, ldy, rows);
+    case 3: return tile_avx2<BITS, 3>(w, dw, mw, ng, xq, xd, xs, K, y, ldy, rows);
+    default: return tile_avx2<BITS, 4>(w, dw, mw, ng, xq, xd, xs, K, y, ldy, rows);
   }
 #else
   tile_scalar<BITS>(w, dw, mw, ng, xq, xd, xs, K, y, ldy, rows, nm);
@@ -170,7 +274,8 @@ GroupWeight group_weight(const at::Tensor& qweight, const at::Tensor& dw, const 
           qweight.size(2) == 256 ? 4 : 8, n, qweight.size(1) * G, qweight.size(0)};
 }
 
-void group_gemm_rows(const float* x, int64_t M, const GroupWeight& w, float* y, int8_t* xq, float* xd, float* xs) {
+void group_gemm_rows(const float* x, int64_t M, const GroupWeight& w, float* y, int8_t* xq, float* xd, float* xs,
+                     bool reference) {
   const int64_t K = w.k, ng = K / G, n = w.n;
   quantize_activations(x, M, K, xq, xd, xs);
   const int64_t tile_bytes = ng * (w.bits == 4 ? 256 : 512);
@@ -193,9 +298,9 @@ void group_gemm_rows(const float* x, int64_t M, const GroupWeight& w, float* y, 
           const int8_t* a = xq + m0 * K;
           float* out = y + m0 * n + t * T;
           if (w.bits == 4)
-            run_tile<4>(wt, d, mn, ng, a, xd + m0 * ng, xs + m0 * ng, K, out, n, rows, nm);
+            run_tile<4>(wt, d, mn, ng, a, xd + m0 * ng, xs + m0 * ng, K, out, n, rows, nm, reference);
           else
-            run_tile<8>(wt, d, mn, ng, a, xd + m0 * ng, xs + m0 * ng, K, out, n, rows, nm);
+            run_tile<8>(wt, d, mn, ng, a, xd + m0 * ng, xs + m0 * ng, K, out, n, rows, nm, reference);
         }
       }
     }
@@ -205,8 +310,8 @@ void group_gemm_rows(const float* x, int64_t M, const GroupWeight& w, float* y, 
 namespace {
 
 // x [M, K] float32; qweight uint8 [tiles, K/32, 256|512]; dw, mw fp16 [tiles, K/32, 16]; returns [M, n].
-at::Tensor group_gemm(const at::Tensor& x_in, const at::Tensor& qweight, const at::Tensor& dw,
-                      const at::Tensor& mw, int64_t bits, int64_t n) {
+at::Tensor group_gemm_impl(const at::Tensor& x_in, const at::Tensor& qweight, const at::Tensor& dw,
+                           const at::Tensor& mw, int64_t bits, int64_t n, bool reference) {
   TORCH_CHECK(bits == 4 || bits == 8, "bits must be 4 or 8");
   TORCH_CHECK(x_in.dim() == 2, "x must be 2-D");
   const at::Tensor x = x_in.to(at::kFloat).contiguous();
@@ -218,18 +323,35 @@ at::Tensor group_gemm(const at::Tensor& x_in, const at::Tensor& qweight, const a
   at::Tensor xs = at::empty({M, K / G}, x.options());
   at::Tensor y = at::empty({M, n}, x.options());
   group_gemm_rows(x.data_ptr<float>(), M, w, y.data_ptr<float>(), xq.data_ptr<int8_t>(), xd.data_ptr<float>(),
-                  xs.data_ptr<float>());
+                  xs.data_ptr<float>(), reference);
   return y;
+}
+
+at::Tensor group_gemm(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& dw, const at::Tensor& mw,
+                      int64_t bits, int64_t n) {
+  return group_gemm_impl(x, qweight, dw, mw, bits, n, false);
+}
+
+at::Tensor group_gemm_reference(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& dw,
+                                const at::Tensor& mw, int64_t bits, int64_t n) {
+  return group_gemm_impl(x, qweight, dw, mw, bits, n, true);
 }
 
 bool has_vnni_kernel() { return EMBER_VNNI; }
 
-}  // namespace
-}  // namespace ember
+std::string kernel_isa() { return EMBER_VNNI ? "avx512" : EMBER_AVXVNNI ? "avxvnni" : EMBER_AVX2 ? "avx2" : "portable"; }
 
-TORCH_LIBRARY_FRAGMENT(ember, m) {
+}  // namespace
+}  // namespace EMBER_NS
+
+TORCH_LIBRARY_FRAGMENT(EMBER_NS, m) {
   m.def("group_gemm(Tensor x, Tensor qweight, Tensor dw, Tensor mw, int bits, int n) -> Tensor");
-  m.def("has_vnni_kernel", &ember::has_vnni_kernel);
+  m.def("group_gemm_reference(Tensor x, Tensor qweight, Tensor dw, Tensor mw, int bits, int n) -> Tensor");
+  m.def("has_vnni_kernel", &EMBER_NS::has_vnni_kernel);
+  m.def("kernel_isa", &EMBER_NS::kernel_isa);
 }
 
-TORCH_LIBRARY_IMPL(ember, CPU, m) { m.impl("group_gemm", ember::group_gemm); }
+TORCH_LIBRARY_IMPL(EMBER_NS, CPU, m) {
+  m.impl("group_gemm", EMBER_NS::group_gemm);
+  m.impl("group_gemm_reference", EMBER_NS::group_gemm_reference);
+}

@@ -78,10 +78,10 @@ class FusedDecoder:
         reason = unsupported_reason(model, kv_cache)
         if reason:
             raise ValueError(f"fused decode does not apply: {reason}")
-        from ember.kernels import load_group_gemm
-
-        load_group_gemm()
         cfg, layers = model.config, list(model.model.layers)
+        ns = layers[0].self_attn.qkv_proj.kernel_ns  # the kernel variant the layers were built for
+        if any(m.kernel_ns != ns for m in model.modules() if isinstance(m, GroupQuantLinear)):
+            raise ValueError("fused decode does not apply: the layers were built for different kernel variants")
         first = layers[0].self_attn
         tensors: list[torch.Tensor] = []
         for i, layer in enumerate(layers):
@@ -96,9 +96,10 @@ class FusedDecoder:
         tensors += [model.model.norm.weight.detach(), rotary.cos, rotary.sin]
         dims = [len(layers), cfg.hidden_size, first.num_heads, first.num_kv_heads, first.head_dim,
                 layers[0].mlp.intermediate_size]
-        self.stack = torch.classes.ember.DecodeStack(tensors, dims, float(model.model.norm.eps),
-                                                     float(first.attn.scale))
+        self.stack = getattr(torch.classes, ns).DecodeStack(tensors, dims, float(model.model.norm.eps),
+                                                            float(first.attn.scale))
         self.embed = model.model.embed_tokens
+        self.kernel_ns = ns
 
     @staticmethod
     def applies_to(batch) -> bool:

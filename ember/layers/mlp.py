@@ -3,6 +3,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ember.layers.linear import MergedColumnParallelLinear, RowParallelLinear
+
 ACTIVATIONS = {
     "silu": F.silu,
     "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
@@ -11,13 +13,13 @@ ACTIVATIONS = {
 
 
 class GatedMLP(nn.Module):
-    def __init__(self, hidden_size: int, intermediate_size: int, act: str = "silu"):
+    def __init__(self, hidden_size: int, intermediate_size: int, act: str = "silu", reduce_results: bool = True):
         super().__init__()
         # gate and up in one GEMM (fewer, larger matmuls); checkpoints load into the two halves
-        self.gate_up_proj = nn.Linear(hidden_size, 2 * intermediate_size, bias=False)
-        self.gate_up_proj.shards = {"gate_proj": (0, intermediate_size), "up_proj": (intermediate_size, intermediate_size)}
-        self.intermediate_size = intermediate_size
-        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+        self.gate_up_proj = MergedColumnParallelLinear(hidden_size, [intermediate_size] * 2, bias=False)
+        self.intermediate_size = self.gate_up_proj.local_sizes[0]  # this rank's share
+        # reduce_results=False: a MoE block sums its shared and routed experts before one all-reduce
+        self.down_proj = RowParallelLinear(intermediate_size, hidden_size, bias=False, reduce_results=reduce_results)
         if act not in ACTIVATIONS:
             raise ValueError(f"unsupported activation {act!r}")
         self.act = ACTIVATIONS[act]

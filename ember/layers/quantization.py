@@ -4,17 +4,21 @@ Batch-1 decode on CPU is bound by reading weights: fp32 GEMMs at M=1 reach a few
 torch's weight-only int8 / int4 CPU kernels read 4x / 8x fewer bytes (activations run in bfloat16 inside
 the kernel). Batched decode is bound by compute instead, and there integer dot products win: w8a8_int8
 quantizes activations too (per token) and runs fbgemm's int8 GEMM (VNNI), 2-3x the weight-only kernels
-at 16+ rows (BENCHMARKS.md). w4a8 reads the fewest bytes: 4-bit groups of 32 (fp16 scale and offset) times
-int8 activation groups, on ember's own AVX-512 VNNI kernel (ember/kernels/vnni_gemm.cpp), llama.cpp's
-Q4_1 x Q8_0 scheme. The fp32 path stays exact; these are options.
+at 16+ rows (BENCHMARKS.md); without AVX-512 VNNI fbgemm saturates, and w8a8_int8 runs on ember's group
+kernel with 8-bit codes instead. w4a8 reads the fewest bytes: 4-bit groups of 32 (fp16 scale and offset)
+times int8 activation groups, on ember's own kernel (ember/kernels/vnni_gemm.cpp: AVX-512 VNNI or AVX2,
+exact integer products on both), llama.cpp's Q4_1 x Q8_0 scheme. The fp32 path stays exact; these are
+options.
 """
 from __future__ import annotations
 
+import os
 import warnings
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
 
 METHODS = ("int8", "int4", "w8a8_int8", "w4a8")
 INT4_GROUP = 32
@@ -80,26 +84,33 @@ class Int4Linear(_QuantLinear):
                                                           self.scales_zeros)
 
 
-def _has_vnni() -> bool:
-    try:
-        flags = open("/proc/cpuinfo").read()
-    except OSError:
-        return False
-    return "avx512_vnni" in flags or "avx_vnni" in flags
-
-
 # Activations enter fbgemm as uint8 with a fixed scale: each row is first divided by its own absmax, so
 # the static range [-1, 1] makes the quantization per token (and a row's result independent of the batch).
-# Without VNNI, fbgemm's AVX2 kernel adds u8*s8 pairs in saturating int16: 7-bit activations keep it exact.
-_ACT_LEVELS = 255 if _has_vnni() else 127
+_ACT_LEVELS = 255
 _ACT_SCALE, _ACT_ZERO = 2.0 / _ACT_LEVELS, (_ACT_LEVELS + 1) // 2
 
 
+def fbgemm_int8_is_exact() -> bool:
+    """Whether fbgemm's int8 GEMM adds its u8 x s8 products exactly here: only with AVX-512 VNNI (`vpdpbusd`).
+    Without it fbgemm adds pairs of products in saturating int16 (`vpmaddubsw`): 8-bit activations saturate,
+    and the 7-bit activations that avoid it lose too much (SmolLM2 mean KL 0.37 against 0.11)."""
+    from ember.kernels import current_variant
+
+    forced = os.environ.get("FBGEMM_ENABLE_INSTRUCTIONS", "").upper()
+    return current_variant() == "avx512" and forced in ("", "AVX512_E1", "AVX512_E1_256")
+
+
 class W8A8Linear(_QuantLinear):
-    """int8 weights (per output channel) x int8 activations (per token) through fbgemm's packed GEMM."""
+    """8-bit weights x int8 activations. With AVX-512 VNNI: fbgemm's packed GEMM, int8 weights per output
+    channel and activations per token. Elsewhere fbgemm would saturate, so ember's group kernel (8-bit codes
+    per group of 32 inputs, activations per group: exact integer products on AVX2, and finer scales)."""
 
     def __init__(self, linear: nn.Linear):
         super().__init__(linear)
+        if not fbgemm_int8_is_exact():
+            self.grouped = GroupQuantLinear(linear, 8)
+            return
+        self.grouped = None
         q, scales = _int8_per_channel(linear.weight.detach().float())
         with warnings.catch_warnings():  # torch marks quantized tensors deprecated; fbgemm's GEMM still needs one
             warnings.simplefilter("ignore", UserWarning)
@@ -107,6 +118,8 @@ class W8A8Linear(_QuantLinear):
         self.packed = torch.ops.quantized.linear_prepack(qw, None)  # fbgemm's layout; the int8 copy is freed
 
     def _mm(self, x2: torch.Tensor) -> torch.Tensor:
+        if self.grouped is not None:
+            return self.grouped._mm(x2)
         x2 = x2.float()
         row_max = x2.abs().amax(-1, keepdim=True).clamp(min=1e-12)
         return torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(
@@ -178,7 +191,8 @@ def _pack_groups(w: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor
 
 
 class GroupQuantLinear(_QuantLinear):
-    """4- or 8-bit group-wise weights x int8 group-wise activations on ember's VNNI kernel (`w4a8`).
+    """4- or 8-bit group-wise weights x int8 group-wise activations on ember's group kernel (`w4a8`), in the
+    kernel variant the CPU runs (ember.kernels: AVX-512 VNNI, AVX2, or the portable loop).
 
     Batch-1 decode reads 4.5-5 bits per weight here (llama.cpp's Q4_1 x Q8_0 scheme), and each activation
     row is computed the same way whatever the batch, so results are batch-invariant."""
@@ -187,7 +201,7 @@ class GroupQuantLinear(_QuantLinear):
         super().__init__(linear)
         from ember.kernels import load_group_gemm
 
-        load_group_gemm()
+        self.kernel_ns = load_group_gemm()  # the torch namespace of the kernel variant in use (ember.kernels)
         qweight, dw, mw = _pack_groups(linear.weight.detach(), bits)
         self.register_buffer("qweight", qweight)
         self.register_buffer("dw", dw)
@@ -195,7 +209,8 @@ class GroupQuantLinear(_QuantLinear):
         self.bits = bits
 
     def _mm(self, x2: torch.Tensor) -> torch.Tensor:
-        return torch.ops.ember.group_gemm(x2, self.qweight, self.dw, self.mw, self.bits, self.out_features)
+        return getattr(torch.ops, self.kernel_ns).group_gemm(x2, self.qweight, self.dw, self.mw, self.bits,
+                                                             self.out_features)
 
 
 # With int4, two kinds of layer keep 8 bits (as llama.cpp's Q4_K_M keeps some tensors at 6-8 bits):
@@ -208,21 +223,3 @@ INT4_KEEP_INT8 = ("qkv_proj", "down_proj")
 # 0.083 all 4-bit, 0.049 with qkv 8-bit, 0.045 with down_proj too, 0.023 with qkv and lm_head 8-bit
 # (lm_head at 8 bits adds 68 MB read per token, ~2.5 ms).
 W4A8_KEEP_8BIT: tuple[str, ...] = ("qkv_proj",)
-
-
-def quantize_model(model: nn.Module, method: str) -> nn.Module:
-    """Replace every nn.Linear (lm_head included) by its quantized form."""
-    if method not in METHODS:
-        raise ValueError(f"--quantization {method!r} is not supported (choose from {', '.join(METHODS)})")
-    targets = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear)]
-    for name, linear in targets:
-        cls = W8A8Linear if method == "w8a8_int8" else Int8Linear
-        if method == "int4" and not any(k in name for k in INT4_KEEP_INT8):
-            cls = Int4Linear
-        parent_name, _, attr = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        if method == "w4a8":
-            setattr(parent, attr, GroupQuantLinear(linear, 8 if any(k in name for k in W4A8_KEEP_8BIT) else 4))
-        else:
-            setattr(parent, attr, cls(linear))
-    return model

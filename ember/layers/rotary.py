@@ -3,15 +3,27 @@ import torch
 from torch import nn
 
 
-def rope_inv_freq(config, head_dim: int, layer_type: str | None = None) -> tuple[torch.Tensor, float]:
-    """inv_freq and the cos/sin scaling factor for this config (and layer type, for Gemma 3)."""
+def rope_params(config, layer_type: str | None = None) -> dict:
+    """The RoPE settings of this config (of one layer type, for per-type configs: Gemma 3, Step-3.5)."""
     params = getattr(config, "rope_parameters", None) or {}
     if layer_type is not None and layer_type in params:
         params = params[layer_type]
+    return params
+
+
+def rotary_dim_of(config, head_dim: int, layer_type: str | None = None) -> int:
+    """How many leading dims of each head rotate (partial rotary: the rest pass through unchanged)."""
+    return int(head_dim * rope_params(config, layer_type).get("partial_rotary_factor", 1.0))
+
+
+def rope_inv_freq(config, head_dim: int, layer_type: str | None = None) -> tuple[torch.Tensor, float]:
+    """inv_freq and the cos/sin scaling factor for this config (and layer type, for Gemma 3)."""
+    params = rope_params(config, layer_type)
     rope_type = params.get("rope_type", "default")
     if rope_type == "default":
         theta = params.get("rope_theta", getattr(config, "rope_theta", 10000.0))
-        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+        dim = rotary_dim_of(config, head_dim, layer_type)
+        inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
         return inv_freq, 1.0
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
     kwargs = {"layer_type": layer_type} if layer_type is not None else {}
@@ -23,6 +35,7 @@ class RotaryEmbedding(nn.Module):
     def __init__(self, config, head_dim: int, max_positions: int, layer_type: str | None = None):
         super().__init__()
         self.config, self.head_dim, self.max_positions, self.layer_type = config, head_dim, max_positions, layer_type
+        self.rotary_dim = rotary_dim_of(config, head_dim, layer_type)  # < head_dim: partial rotary
         self.register_buffer("cos", torch.empty(0), persistent=False)
         self.register_buffer("sin", torch.empty(0), persistent=False)
         self._memo = None
@@ -59,5 +72,9 @@ class RotaryEmbedding(nn.Module):
         """q: [T, H, D], k: [T, Hkv, D], positions: [T]. q and k are rotated together, as one tensor."""
         cos, sin = self._cos_sin(positions, q.dtype)
         x = torch.cat([q, k], dim=1)
-        x = x * cos + self._rotate_half(x) * sin
+        if self.rotary_dim < self.head_dim:  # partial rotary: only the leading rotary_dim dims turn
+            rot, rest = x.split([self.rotary_dim, self.head_dim - self.rotary_dim], dim=-1)
+            x = torch.cat([rot * cos + self._rotate_half(rot) * sin, rest], dim=-1)
+        else:
+            x = x * cos + self._rotate_half(x) * sin
         return x[:, :q.shape[1]], x[:, q.shape[1]:]

@@ -7,8 +7,8 @@
   * a ``.gguf`` file, or a directory holding exactly one ``.gguf`` and no ``config.json``
     -> converted once and cached (see ``gguf_convert``);
   * a directory with ``config.json`` -> itself;
-  * anything else -> treated as a hub repo id and fetched with ``huggingface_hub`` (or
-    ModelScope with ``EMBER_USE_MODELSCOPE=1`` / ``SGLANG_USE_MODELSCOPE=true``).
+  * anything else -> treated as a hub repo id: found in the hub's local cache (offline), else fetched with
+    ``huggingface_hub`` (or ModelScope with ``EMBER_USE_MODELSCOPE=1`` / ``SGLANG_USE_MODELSCOPE=true``); see hub.py.
 
 ``iter_weights(model_dir)`` then streams ``(name, tensor)`` pairs from it.
 """
@@ -17,11 +17,11 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 from pathlib import Path
 
 from .bundled import BUNDLED_MODELS, DEFAULT_MODEL, bundled_gguf_path, canonical_alias, ember_cache_dir
 from .gguf_convert import convert_gguf
+from .hub import REPO_ID, default_hub, download, find_cached
 from .weights import iter_weights, list_weight_files
 
 logger = logging.getLogger("ember.loader")
@@ -36,8 +36,6 @@ __all__ = [
     "resolve_model_dir",
 ]
 
-# "name" or "org/name" as the hub spells repo ids.
-_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?$")
 
 
 def resolve_model_dir(model_path: str | os.PathLike | None = None, *, revision: str | None = None) -> Path:
@@ -76,43 +74,21 @@ def _resolve_local_dir(d: Path) -> Path:
     raise ValueError(f"Directory {d} is not a model directory: it has no config.json and no .gguf file")
 
 
-def _use_modelscope() -> bool:
-    return os.environ.get("EMBER_USE_MODELSCOPE", "").lower() in ("1", "true", "yes") or os.environ.get(
-        "SGLANG_USE_MODELSCOPE", ""
-    ).lower() in ("1", "true", "yes")
-
-
-_ALLOW = ["*.json", "*.model", "*.txt", "*.jinja", "*.tiktoken", "*.py"]
-
-
 def _download_from_hub(repo_id: str, revision: str | None) -> Path:
+    """A repo id: the hub's local cache first (works offline), else a download."""
     bundled = ", ".join(sorted(BUNDLED_MODELS))
-    not_found = (
-        f"Model {repo_id!r} is neither a local file or directory nor a bundled model ({bundled}), "
-        f"and could not be fetched from the model hub"
-    )
-    if not _REPO_ID.match(repo_id) or repo_id.startswith((".", "~")):
-        raise ValueError(f"{not_found}: it is not a valid repo id and no such path exists.")
-    hub = "ModelScope" if _use_modelscope() else "Hugging Face Hub"
-    logger.info("%r is not a local path; fetching it from the %s", repo_id, hub)
-    try:
-        if _use_modelscope():
-            from modelscope import snapshot_download as ms_snapshot_download
-
-            path = ms_snapshot_download(repo_id, revision=revision)
-        else:
-            from huggingface_hub import list_repo_files, snapshot_download
-
-            try:  # weights: safetensors if the repo has them, else pytorch .bin
-                files = list_repo_files(repo_id, revision=revision)
-                weights = "*.safetensors" if any(f.endswith(".safetensors") for f in files) else "*.bin"
-            except Exception:  # noqa: BLE001 - offline: whatever the local cache holds
-                weights = "*.safetensors"
-            path = snapshot_download(repo_id, revision=revision, allow_patterns=_ALLOW + [weights])
-    except ImportError as e:
-        raise ValueError(f"{not_found}: {e.name or 'the hub client'} is not installed ({e}).") from e
-    except Exception as e:  # noqa: BLE001 - network errors, missing repos, gated repos...
-        raise ValueError(f"{not_found} ({hub}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}).") from e
+    cached = None if not REPO_ID.match(repo_id) else find_cached(repo_id, revision=revision)
+    if cached is not None:
+        logger.info("%r found in the %s cache: %s", repo_id, default_hub(), cached)
+        path = cached
+    else:
+        logger.info("%r is not a local path; fetching it from %s", repo_id, default_hub())
+        try:
+            path = download(repo_id, revision=revision)
+        except ValueError as e:
+            raise ValueError(f"Model {repo_id!r} is neither a local file or directory nor a bundled model "
+                             f"({bundled}), is not in the hub cache, and could not be fetched from the model hub: "
+                             f"{e}") from e
     d = Path(path)
     if not (d / "config.json").is_file():
         return _resolve_local_dir(d)

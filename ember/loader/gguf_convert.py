@@ -126,6 +126,47 @@ def _gguf_fields(src: Path) -> tuple[dict[str, Any], dict[str, str]]:
     return meta, qtypes
 
 
+def gguf_weight_bits(src: str | os.PathLike) -> tuple[float, str]:
+    """Bits per weight of a GGUF's layer matrices (blk.* 2-D tensors, averaged by element count) and its quant
+    type: the file type it declares (`general.file_type`, e.g. Q4_K_M), else its layers' most common type. (The
+    declared type is what the file was made as: a small model's Q4_K_M stores many rows as Q5_0, whose width is
+    not a multiple of the K-quants' 256-blocks.)"""
+    from gguf import GGUFReader, LlamaFileType
+
+    reader = GGUFReader(str(src))
+    declared = None
+    field = reader.fields.get("general.file_type")
+    if field is not None:
+        try:
+            declared = LlamaFileType(int(field.contents())).name.removeprefix("MOSTLY_")
+        except (ValueError, TypeError):
+            declared = None
+    bits, count, by_type = 0.0, 0, {}
+    for t in reader.tensors:
+        if not t.name.startswith("blk.") or len(t.shape) < 2:
+            continue
+        n = int(t.n_elements)
+        bits += _bits_per_weight(t.tensor_type.name) * n
+        count += n
+        by_type[t.tensor_type.name] = by_type.get(t.tensor_type.name, 0) + n
+    if not count:
+        raise ValueError(f"{src}: no layer matrices")
+    return bits / count, declared or max(by_type, key=by_type.get)
+
+
+def converted_weight_bits(model_dir: str | os.PathLike) -> tuple[float, str] | None:
+    """(bits per weight, quant type) of the GGUF a converted directory came from; None if it did not come from
+    one (or the file is gone)."""
+    marker = Path(model_dir) / MARKER_FILE
+    if not marker.is_file():
+        return None
+    info = json.loads(marker.read_text())
+    if "quant_type" in info:
+        return info["weight_bits"], info["quant_type"]
+    src = info.get("source")  # converted before the marker recorded it
+    return gguf_weight_bits(src) if src and Path(src).is_file() else None
+
+
 def _bits_per_weight(qtype: str) -> float:
     from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
@@ -207,6 +248,7 @@ def _convert_into(src: Path, out: Path, staging: Path) -> None:
         "converter_version": CONVERTER_VERSION,
         "transformers_version": transformers.__version__,
         "config_fixes": notes,
+        **dict(zip(("weight_bits", "quant_type"), gguf_weight_bits(src))),
         "seconds": round(time.perf_counter() - t_start, 1),
     }
     (out / MARKER_FILE).write_text(json.dumps(marker, indent=2) + "\n")

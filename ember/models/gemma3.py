@@ -6,6 +6,7 @@ scaled by sqrt(hidden), q/k norms, a fixed attention scale, a RoPE base per laye
 import torch
 from torch import nn
 
+from ember.layers.linear import VocabParallelEmbedding
 from ember.layers.mlp import GatedMLP
 from ember.layers.norm import RMSNorm
 from ember.layers.rotary import RotaryEmbedding
@@ -48,7 +49,7 @@ class Gemma3Model(nn.Module):
         super().__init__()
         if getattr(config, "attn_logit_softcapping", None) is not None:
             raise ValueError("Gemma attention logit soft-capping is not supported")
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
         self.embed_scale = config.hidden_size ** 0.5
         self.layer_types = layer_types_of(config)
         D, max_pos = head_dim_of(config), config.max_position_embeddings

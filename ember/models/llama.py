@@ -10,9 +10,11 @@ import torch
 from torch import nn
 
 from ember.layers.attention import PagedAttention
+from ember.layers.linear import ParallelLMHead, QKVParallelLinear, RowParallelLinear, VocabParallelEmbedding
 from ember.layers.mlp import GatedMLP
 from ember.layers.norm import RMSNorm
 from ember.layers.rotary import RotaryEmbedding
+from ember.loader.weight_loading import load_weights
 
 logger = logging.getLogger("ember.models")
 
@@ -30,16 +32,14 @@ class LlamaAttention(nn.Module):
                  scale: float | None = None):
         super().__init__()
         hidden, D = config.hidden_size, head_dim_of(config)
-        self.num_heads, self.num_kv_heads, self.head_dim = (
-            config.num_attention_heads, config.num_key_value_heads, D)
         bias = getattr(config, "attention_bias", False) or self.qkv_bias
-        q_size, kv_size = self.num_heads * D, self.num_kv_heads * D
-        # q, k and v in one GEMM; checkpoints load into its three slices
-        self.qkv_proj = nn.Linear(hidden, q_size + 2 * kv_size, bias=bias)
-        self.qkv_proj.shards = {"q_proj": (0, q_size), "k_proj": (q_size, kv_size),
-                                "v_proj": (q_size + kv_size, kv_size)}
-        self.split_sizes = [q_size, kv_size, kv_size]
-        self.o_proj = nn.Linear(self.num_heads * D, hidden, bias=getattr(config, "attention_bias", False))
+        # q, k and v in one GEMM (this rank's heads); checkpoints load into its three slices
+        self.qkv_proj = QKVParallelLinear(hidden, D, config.num_attention_heads, config.num_key_value_heads, bias)
+        self.num_heads, self.num_kv_heads, self.head_dim = self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads, D
+        self.split_sizes = self.qkv_proj.split_sizes
+        self.o_proj = RowParallelLinear(config.num_attention_heads * D, hidden,
+                                        bias=getattr(config, "attention_bias", False),
+                                        input_shard=self.qkv_proj.o_proj_shard)  # this rank's heads' columns
         if self.qk_norm:
             self.q_norm = RMSNorm(D, config.rms_norm_eps, self.norm_unit_offset)
             self.k_norm = RMSNorm(D, config.rms_norm_eps, self.norm_unit_offset)
@@ -64,9 +64,13 @@ class LlamaDecoderLayer(nn.Module):
     def __init__(self, config, layer_id: int, rotary: RotaryEmbedding):
         super().__init__()
         self.self_attn = self.attention_cls(config, layer_id, rotary)
-        self.mlp = GatedMLP(config.hidden_size, config.intermediate_size, config.hidden_act)
+        self.mlp = self.make_mlp(config, layer_id)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def make_mlp(self, config, layer_id: int) -> nn.Module:
+        """The feed-forward block of this layer (MoE models return their sparse block here)."""
+        return GatedMLP(config.hidden_size, config.intermediate_size, config.hidden_act)
 
     def forward(self, positions, x, batch):
         x = x + self.self_attn(positions, self.input_layernorm(x), batch)
@@ -78,7 +82,7 @@ class LlamaModel(nn.Module):
 
     def __init__(self, config):
         super().__init__()
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
         self.rotary = RotaryEmbedding(config, head_dim_of(config), config.max_position_embeddings)
         self.layers = nn.ModuleList(self.layer_cls(config, i, self.rotary) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
@@ -92,13 +96,16 @@ class LlamaModel(nn.Module):
 
 class LlamaForCausalLM(nn.Module):
     model_cls = LlamaModel
+    # checkpoint sub-modules that are one shard of a fused layer of ours
+    packed_modules_mapping = {"q_proj": ("qkv_proj", "q"), "k_proj": ("qkv_proj", "k"), "v_proj": ("qkv_proj", "v"),
+                              "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1)}
 
     def __init__(self, config):
         super().__init__()
         self.config = config
         self.model = self.model_cls(config)
         self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size)
         if self.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
@@ -128,32 +135,5 @@ class LlamaForCausalLM(nn.Module):
     def load_weights(self, weights) -> None:
         if self.tie_word_embeddings:  # re-tie: moving off the meta device may have split them
             self.lm_head.weight = self.model.embed_tokens.weight
-        params = dict(self.named_parameters(remove_duplicate=False))
-        # "x.q_proj" -> ("x.qkv_proj", start, size): checkpoint tensors that fill a slice of a fused layer
-        fused = {f"{name.rpartition('.')[0]}.{shard}".lstrip("."): (name, start, size)
-                 for name, m in self.named_modules() if hasattr(m, "shards")
-                 for shard, (start, size) in m.shards.items()}
-        loaded: dict[str, int] = {}  # parameter -> rows filled
-        for hf_name, tensor in weights:
-            name = self.map_weight_name(hf_name)
-            if name is None or (name == "lm_head.weight" and self.tie_word_embeddings):
-                continue
-            module_name, _, leaf = name.rpartition(".")
-            start = None
-            if name not in params and module_name in fused:
-                target, start, size = fused[module_name]
-                name = f"{target}.{leaf}"
-            if name not in params:
-                logger.debug("ignoring checkpoint tensor %s", hf_name)
-                continue
-            p = params[name]
-            dest = p if start is None else p.narrow(0, start, size)
-            if dest.shape != tensor.shape:
-                raise ValueError(f"shape mismatch for {hf_name}: checkpoint {tuple(tensor.shape)} vs model {tuple(dest.shape)}")
-            with torch.no_grad():
-                dest.copy_(tensor)
-            loaded[name] = loaded.get(name, 0) + dest.shape[0]
-        missing = [n for n, p in params.items() if loaded.get(n, 0) < p.shape[0]
-                   and not (n == "lm_head.weight" and self.tie_word_embeddings)]
-        if missing:
-            raise ValueError(f"checkpoint is missing {len(missing)} tensors, e.g. {missing[:5]}")
+            weights = ((n, t) for n, t in weights if n != "lm_head.weight")
+        load_weights(self, weights)

@@ -80,8 +80,10 @@ def _die_with_test_process() -> None:
         pass
 
 
-def start_server(args: list[str], log_dir: Path, name: str, api_key: str | None = None) -> Server:
-    """Start `python -m ember.launch_server ARGS` and wait for /health; raises with the log on failure."""
+def start_server(args: list[str], log_dir: Path, name: str, api_key: str | None = None,
+                 env: dict | None = None) -> Server:
+    """Start `python -m ember.launch_server ARGS` and wait for /health; raises with the log on failure.
+    `env`: extra environment variables (e.g. the engine's test hooks)."""
     import requests
     port = get_free_port()
     log_path = log_dir / f"{name}.log"
@@ -90,9 +92,13 @@ def start_server(args: list[str], log_dir: Path, name: str, api_key: str | None 
     if api_key:
         cmd += ["--api-key", api_key]
     log = open(log_path, "w")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=_server_env(), start_new_session=True,
+    # ember's data directory (default file storage) per server, not the user's home
+    env = {"EMBER_DATA_DIR": str(log_dir / f"{name}-data"), **(env or {})}
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**_server_env(), **env},
+                            start_new_session=True,
                             preexec_fn=_die_with_test_process)
     server = Server(proc, port, log_path, api_key)
+    server.extra["data_dir"] = Path(env["EMBER_DATA_DIR"])
     deadline = time.monotonic() + START_TIMEOUT_S
     while time.monotonic() < deadline:
         if proc.poll() is not None:

@@ -49,21 +49,62 @@ def test_parse_flags_into_server_args():
 
 
 def test_unimplemented_flags_are_errors():
-    errors = check_server_args(ServerArgs(tp_size=4, ep_size=8, speculative_algorithm="EAGLE",
-                                          speculative_num_steps=3, enable_multi_layer_eagle=True))
-    text = "\n".join(errors)
-    for needle in ("--tp-size 4", "--ep-size 8", "--speculative-algorithm EAGLE", "--speculative-num-steps 3",
-                   "--enable-multi-layer-eagle"):
-        assert needle in text
+    # tree drafts (topk > 1) are served; the draft token count must fit the tree's candidates (SGLang's topk needs it)
+    assert check_server_args(ServerArgs(speculative_algorithm="EAGLE", speculative_eagle_topk=2)) == []
+    errors = check_server_args(ServerArgs(speculative_algorithm="EAGLE", speculative_num_steps=1, speculative_eagle_topk=2,
+                                          speculative_num_draft_tokens=5))
+    assert any("--speculative-num-draft-tokens 5 exceeds the tree's candidates plus the root (3" in e for e in errors), errors
+    # seed 000's speculative flags as written are accepted (SGLang's constraints hold)
+    assert check_server_args(ServerArgs(speculative_algorithm="EAGLE", speculative_num_steps=3, speculative_eagle_topk=1,
+                                        speculative_num_draft_tokens=4, enable_multi_layer_eagle=True)) == []
+    for bad, needle in ((ServerArgs(speculative_algorithm="STANDALONE"), "needs --speculative-draft-model-path"),
+                        (ServerArgs(speculative_algorithm="MEDUSA"), "--speculative-algorithm must be one of"),
+                        (ServerArgs(speculative_num_steps=3), "--speculative-num-steps needs --speculative-algorithm"),
+                        (ServerArgs(speculative_algorithm="NGRAM", speculative_num_draft_tokens=1), ">= 2"),
+                        (ServerArgs(speculative_algorithm="NGRAM", speculative_ngram_max_bfs_breadth=0),
+                         "--speculative-ngram-max-bfs-breadth must be >= 1"),
+                        (ServerArgs(speculative_algorithm="NGRAM", speculative_ngram_min_match_window_size=5,
+                                    speculative_ngram_max_match_window_size=2), "1 <= min <= max")):
+        assert any(needle in e for e in check_server_args(bad)), (bad, check_server_args(bad))
+
+
+SEED_000_TP4 = ("--model-path /models/Step-3.5-Flash --host 0.0.0.0 --port 8000 --tp-size 4 --tool-call-parser step3 "
+                "--reasoning-parser step3 --trust-remote-code --mem-fraction-static 0.8 --disable-cuda-graph")
+SEED_001_TP8 = ("--model-path /models/GLM-4.7-Flash --host 0.0.0.0 --port 8000 --tp-size 8 --ep-size 8 "
+                "--tool-call-parser glm47 --reasoning-parser glm45 --mem-fraction-static 0.8 "
+                "--served-model-name glm-4.7-flash --trust-remote-code")
+
+
+def test_seed_parallel_flags_parse():
+    """Seeds 000 and 001 launch with --tp-size 4|8 and --ep-size 8, and their EAGLE flags."""
+    args, given = parse_serve_args(SEED_000_TP4.split())
+    assert (args.tp_size, args.ep_size, args.trust_remote_code, args.mem_fraction_static) == (4, 1, True, 0.8)
+    assert check_server_args(args, given) == []
+    args, given = parse_serve_args(SEED_001_TP8.split())
+    assert (args.tp_size, args.ep_size) == (8, 8) and check_server_args(args, given) == []
+    # with the seeds' speculative flags too: accepted (speculation is skipped with a warning at tp > 1 for now)
+    spec = (" --speculative-algorithm EAGLE --speculative-num-steps 3 --speculative-eagle-topk 1 "
+            "--speculative-num-draft-tokens 4 --enable-multi-layer-eagle")
+    for cmd in (SEED_000_TP4, SEED_001_TP8):
+        args, given = parse_serve_args((cmd + spec).split())
+        assert check_server_args(args, given) == [] and args.tp_size > 1
+    args, given = parse_serve_args("--tp-size 2 --nnodes 2 --node-rank 1 --dist-init-addr 10.0.0.1:5000 "
+                                   "--base-gpu-id 2".split())
+    assert (args.nnodes, args.node_rank, args.dist_init_addr, args.base_gpu_id) == (2, 1, "10.0.0.1:5000", 2)
+    assert check_server_args(args, given) == []
+    for bad, needle in ((ServerArgs(tp_size=4, ep_size=3), "--ep-size 3 must divide --tp-size 4"),
+                        (ServerArgs(tp_size=2, nnodes=2), "--dist-init-addr"),
+                        (ServerArgs(tp_size=3, nnodes=2, dist_init_addr="h:1"), "--nnodes 2 must divide"),
+                        (ServerArgs(node_rank=1), "--node-rank must be in 0..0")):
+        assert any(needle in e for e in check_server_args(bad)), (bad, check_server_args(bad))
 
 
 @pytest.mark.parametrize("flags, needle", [
-    (["--tp-size", "2"], "--tp-size 2 is not implemented"),
-    (["--ep-size", "8"], "--ep-size 8 is not implemented"),
-    (["--dp-size", "2"], "--dp-size 2 is not implemented"),
-    (["--speculative-algorithm", "EAGLE", "--speculative-num-steps", "3", "--speculative-eagle-topk", "1",
-      "--speculative-num-draft-tokens", "4", "--enable-multi-layer-eagle"], "--speculative-algorithm EAGLE"),
-    (["--enable-multi-layer-eagle"], "--enable-multi-layer-eagle is not implemented"),
+    (["--tp-size", "4", "--ep-size", "8"], "--ep-size 8 must divide --tp-size 4"),
+    (["--dp-size", "0"], "--dp-size must be >= 1"),
+    (["--speculative-algorithm", "EAGLE", "--speculative-num-steps", "1", "--speculative-eagle-topk", "4",
+      "--speculative-num-draft-tokens", "8"], "--speculative-num-draft-tokens 8 exceeds the tree's candidates"),
+    (["--enable-multi-layer-eagle"], "--enable-multi-layer-eagle needs --speculative-algorithm"),
     (["--tool-call-parser", "nope"], "--tool-call-parser 'nope'"),
     (["--reasoning-parser", "nope"], "--reasoning-parser 'nope'"),
     (["--chat-template", "/no/such/template.jinja"], "--chat-template"),

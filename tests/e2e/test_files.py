@@ -84,9 +84,30 @@ def test_list_order_purpose_filter_and_pages(smollm2_server):
             client.files.delete(f.id)
 
 
+def _multipart(*parts: bytes, boundary: bytes = b"xyz") -> dict:
+    body = b"".join(b"--" + boundary + b"\r\n" + p + b"\r\n" for p in parts) + b"--" + boundary + b"--\r\n"
+    return dict(data=body, headers={"Content-Type": f"multipart/form-data; boundary={boundary.decode()}"})
+
+
+FILE_PART = b'Content-Disposition: form-data; name="file"; filename="a.txt"\r\n\r\nabc'
+PURPOSE_PART = b'Content-Disposition: form-data; name="purpose"\r\n\r\nstorage'
+
+
+def _storage_listing(server) -> list[str]:
+    root = server.extra["data_dir"] / "files"
+    return sorted(p.name for p in root.iterdir()) if root.exists() else []
+
+
 def test_bad_uploads_are_400(smollm2_server):
     url = f"{smollm2_server.base_url}/v1/files"
+    before = _storage_listing(smollm2_server)
     cases = [
+        (_multipart(FILE_PART, FILE_PART, PURPOSE_PART), "file", "one file per request"),
+        (_multipart(b'Content-Disposition: form-data; name="file"\r\n\r\nabc', PURPOSE_PART), "file",
+         "no filename"),
+        (_multipart(FILE_PART, b'Content-Disposition: form-data; name="notes"\r\n\r\n' + b"n" * 70_000,
+                    PURPOSE_PART), None, "form fields"),
+        (_multipart(b"Content-Type: text/plain\r\n\r\nabc", PURPOSE_PART), None, "no name"),
         (dict(files={"purpose": (None, "storage")}), "file", "Missing required parameter: 'file'"),
         (dict(files={"file": ("x.txt", b"abc")}), "purpose", "Missing required parameter: 'purpose'"),
         (dict(files={"file": ("x.txt", b"abc"), "purpose": (None, "pictures")}), "purpose", "Invalid value"),
@@ -105,6 +126,28 @@ def test_bad_uploads_are_400(smollm2_server):
         client.files.create(file=("x.txt", b"abc"), purpose="not-a-purpose")
     r = requests.get(f"{url}/file-doesnotexist/content", timeout=30)
     assert r.status_code == 404 and r.json()["error"]["type"] == "NotFoundError"
+    assert _storage_listing(smollm2_server) == before  # no partial file of any refused upload
+
+
+def test_client_gone_mid_upload_leaves_no_partial_file(smollm2_server):
+    """A client that sends half of a 4 MiB file part and closes the connection: the partial file is
+    removed and the server keeps serving."""
+    import socket
+    before = _storage_listing(smollm2_server)
+    head = (b"--xyz\r\n" + FILE_PART[:-3] + b"x" * (2 << 20))
+    with socket.create_connection(("127.0.0.1", smollm2_server.port)) as sock:
+        sock.sendall(b"POST /v1/files HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                     b"Content-Type: multipart/form-data; boundary=xyz\r\n"
+                     + f"Content-Length: {len(head) + (2 << 20)}\r\n\r\n".encode() + head)
+        deadline = time.monotonic() + 60  # until the server has created the partial file
+        while time.monotonic() < deadline and not any(n.endswith(".part") for n in _storage_listing(smollm2_server)):
+            time.sleep(0.05)
+        assert any(n.endswith(".part") for n in _storage_listing(smollm2_server)), "the upload never started"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and _storage_listing(smollm2_server) != before:
+        time.sleep(0.1)
+    assert _storage_listing(smollm2_server) == before
+    smollm2_server.assert_alive()
 
 
 # ---------------------------------------------------------------------------- storage path, limit, API key
@@ -191,35 +234,133 @@ def test_store_persists_limits_and_cleans_up(tmp_path):
     assert again.delete(stored.id) and not again.delete(stored.id)
     with pytest.raises(FileNotFound):
         resolve_file_reference(again, stored.id)
-    again.close()
-    assert root.is_dir()  # a given directory stays
+    assert root.is_dir()
 
-    temp = FileStore(None, max_bytes=10)
-    assert temp.temporary and temp.root.is_dir()
-    up = temp.new_upload("a.txt")
+
+def test_default_store_is_under_the_data_dir(tmp_path, monkeypatch):
+    """Without --file-storage-path files go to files/ under ember's data directory ($EMBER_DATA_DIR, else
+    $XDG_DATA_HOME/ember, else ~/.local/share/ember) and stay there for the next store."""
+    from ember.api.file_store import default_file_storage_path
+    monkeypatch.delenv("EMBER_DATA_DIR", raising=False)
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "xdg"))
+    assert default_file_storage_path() == tmp_path / "xdg" / "ember" / "files"
+    monkeypatch.delenv("XDG_DATA_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert default_file_storage_path() == tmp_path / "home" / ".local" / "share" / "ember" / "files"
+    monkeypatch.setenv("EMBER_DATA_DIR", str(tmp_path / "data"))
+    store = FileStore(None, max_bytes=10)
+    assert store.root == tmp_path / "data" / "files"
+    up = store.new_upload("a.txt")
     up.write(b"hi")
-    up.commit("storage")
-    temp.close()
-    assert not temp.root.exists()  # a temporary one is removed
+    stored = up.commit("storage")
+    assert read_file_reference(FileStore(None, max_bytes=10), f"stepfile://{stored.id}") == (b"hi", "text/plain")
 
 
-def test_temporary_store_goes_when_the_app_stops():
-    """Without --file-storage-path the files live in a temporary directory that the server's shutdown
-    (the files router's lifespan) removes; the routes run here in-process, without a model."""
+def _files_app(tmp_path, monkeypatch, **args):
+    """The files routes in-process (no model), storing under tmp_path/data."""
     from types import SimpleNamespace
 
     from fastapi import FastAPI
-    from fastapi.testclient import TestClient
 
     from ember.api.files_routes import router
     from ember.server_args import ServerArgs
 
+    from ember.api.errors import APIError, error_response
+
+    monkeypatch.setenv("EMBER_DATA_DIR", str(tmp_path / "data"))
     app = FastAPI()
-    app.state.ember = SimpleNamespace(args=ServerArgs(file_max_bytes=1000))
+    app.state.ember = SimpleNamespace(args=ServerArgs(**args))
     app.include_router(router)
-    with TestClient(app) as client:
+    app.add_exception_handler(APIError, lambda request, e: error_response(e.message, e.status, e.param))
+    return app
+
+
+def test_default_store_survives_the_app(tmp_path, monkeypatch):
+    from fastapi.testclient import TestClient
+    with TestClient(_files_app(tmp_path, monkeypatch, file_max_bytes=1000)) as client:
         r = client.post("/v1/files", files={"file": ("a.txt", b"hello"), "purpose": (None, "storage")})
         assert r.status_code == 200, r.text
-        root = app.state.file_store.root
-        assert app.state.file_store.temporary and (root / r.json()["id"]).read_bytes() == b"hello"
-    assert not root.exists()
+    with TestClient(_files_app(tmp_path, monkeypatch, file_max_bytes=1000)) as client:  # a new server
+        assert [f["id"] for f in client.get("/v1/files").json()["data"]] == [r.json()["id"]]
+        assert client.get(f"/v1/files/{r.json()['id']}/content").content == b"hello"
+
+
+def test_full_disk_is_413_and_leaves_nothing(tmp_path, monkeypatch):
+    """A write that fails with ENOSPC (a full disk) answers 413 and removes the partial file."""
+    import errno
+
+    from fastapi.testclient import TestClient
+
+    from ember.api import file_store
+
+    def full(self, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(file_store.Upload, "write", full)
+    with TestClient(_files_app(tmp_path, monkeypatch, file_max_bytes=10**6)) as client:
+        r = client.post("/v1/files", files={"file": ("a.txt", b"x" * 5000), "purpose": (None, "storage")})
+        assert r.status_code == 413, r.text
+        assert "storage" in r.json()["error"]["message"]
+        assert list((tmp_path / "data" / "files").iterdir()) == []
+
+
+# ---------------------------------------------------------------------------- uploads next to streams
+def _stream_gaps(server) -> list[float]:
+    """Inter-token gaps (s) of one streamed chat completion, the first few (prefill) left out."""
+    stamps = []
+    with requests.post(f"{server.base_url}/v1/chat/completions", stream=True, timeout=300, json={
+            "model": "m", "messages": [{"role": "user", "content": "Count to fifty."}], "max_tokens": 40,
+            "temperature": 0, "ignore_eos": True, "stream": True}) as r:
+        for line in r.iter_lines():
+            if line.startswith(b"data: {"):
+                stamps.append(time.perf_counter())
+    gaps = [b - a for a, b in zip(stamps, stamps[1:])]
+    return gaps[3:]
+
+
+def test_a_100mib_upload_leaves_streams_undisturbed(smollm2_server):
+    """While a 100 MiB upload streams in, a concurrent token stream's median inter-token gap stays within
+    2x of its gap alone (the upload is parsed and written on a worker thread, not on the event loop)."""
+    import statistics
+    import threading
+
+    size, chunk = 100 << 20, 1 << 20
+    boundary = "soakboundary"
+    head = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"purpose\"\r\n\r\nstorage\r\n"
+            f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"big.bin\"\r\n"
+            f"Content-Type: application/octet-stream\r\n\r\n").encode()
+    tail = f"\r\n--{boundary}--\r\n".encode()
+    streaming = threading.Event()
+    result = {}
+
+    def body():
+        yield head
+        block = b"\x01" * chunk
+        for i in range(size // chunk - 1):
+            yield block
+            if streaming.is_set():
+                time.sleep(0.05)  # about 20 MiB/s while the stream is measured
+        while streaming.is_set():  # the last MiB only once the stream ended: the upload spans all of it
+            time.sleep(0.05)
+        yield block
+        yield tail
+
+    def upload():
+        result["r"] = requests.post(f"{smollm2_server.base_url}/v1/files", data=body(), timeout=600, headers={
+            "Content-Type": f"multipart/form-data; boundary={boundary}"})
+
+    solo = statistics.median(_stream_gaps(smollm2_server))
+    streaming.set()
+    t = threading.Thread(target=upload)
+    t.start()
+    during = statistics.median(_stream_gaps(smollm2_server))
+    still_uploading = t.is_alive()
+    streaming.clear()
+    t.join(600)
+    solo_after = statistics.median(_stream_gaps(smollm2_server))
+    r = result["r"]
+    assert r.status_code == 200, r.text
+    assert r.json()["bytes"] == size
+    requests.delete(f"{smollm2_server.base_url}/v1/files/{r.json()['id']}", timeout=60)
+    assert still_uploading, "the upload ended before the stream: nothing was measured"
+    assert during <= 2 * max(solo, solo_after), (during, solo, solo_after)

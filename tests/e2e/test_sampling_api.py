@@ -33,12 +33,17 @@ def test_seed002_optional_parameters_accepted(smollm2_server):
     """Every optional parameter of seed 002 in one request (as an agent would send them)."""
     client = smollm2_server.openai()
     r = client.chat.completions.create(
-        model="step-3.5-flash", messages=MSG, max_tokens=8, temperature=0.7, top_p=0.9, frequency_penalty=0.2,
+        model="step-3.5-flash", messages=MSG, max_tokens=96, temperature=0.7, top_p=0.9, frequency_penalty=0.2,
         presence_penalty=0.1, seed=3, logit_bias={"100": -5}, logprobs=True, top_logprobs=2, stop=["\n\n"],
         response_format={"type": "json_object"},
         extra_body={"top_k": 40, "min_p": 0.05, "top_a": 0.1, "repetition_penalty": 1.1,
                     "reasoning": {"effort": "low"}, "verbosity": "low", "some_unknown_field": 1})
-    assert r.choices[0].finish_reason in ("stop", "length")
+    # json_object: the grammar closes the object, and what comes back parses as one
+    assert r.choices[0].finish_reason == "stop", r.choices[0]
+    assert isinstance(json.loads(r.choices[0].message.content), dict)
+    # logprobs with 2 alternatives per generated token
+    assert len(r.choices[0].logprobs.content) == r.usage.completion_tokens
+    assert all(len(e.top_logprobs) == 2 for e in r.choices[0].logprobs.content)
 
 
 @pytest.mark.parametrize("field, value", [

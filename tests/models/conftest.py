@@ -9,7 +9,9 @@ from tests.tiny_models import tiny_model
 
 MODEL_FIXTURES = {"smollm2": "smollm2_dir", "qwen2.5": "qwen_dir", "gemma3": "gemma3_dir",
                   "tiny-qwen3": "tiny_qwen3_dir", "tiny-llama": "tiny_llama_dir", "tiny-qwen2": "tiny_qwen2_dir",
-                  "tiny-gemma3": "tiny_gemma3_dir"}
+                  "tiny-gemma3": "tiny_gemma3_dir", "tiny-qwen3-moe": "tiny_qwen3_moe_dir",
+                  "tiny-minimax-m2": "tiny_minimax_m2_dir", "tiny-glm4-moe-lite": "tiny_glm4_moe_lite_dir",
+                  "tiny-step3p5": "tiny_step3p5_dir"}
 
 
 @pytest.fixture(scope="session")
@@ -28,6 +30,18 @@ tiny_qwen3_dir = _tiny_fixture("qwen3")
 tiny_llama_dir = _tiny_fixture("llama")
 tiny_qwen2_dir = _tiny_fixture("qwen2")
 tiny_gemma3_dir = _tiny_fixture("gemma3")
+tiny_qwen3_moe_dir = _tiny_fixture("qwen3_moe")
+tiny_minimax_m2_dir = _tiny_fixture("minimax_m2")
+tiny_glm4_moe_lite_dir = _tiny_fixture("glm4_moe_lite")
+tiny_step3p5_dir = _tiny_fixture("step3p5")
+
+
+def _step3p5_reference(path):  # transformers has no text-only Step-3.5 CausalLM class (tests/step3p5_hub.py)
+    from tests.step3p5_hub import Step3p5Reference
+    return Step3p5Reference(path)
+
+
+REFERENCES = {"tiny-step3p5": _step3p5_reference}  # name -> loader, where AutoModelForCausalLM cannot load it
 
 
 # Small LRU caches: a model is loaded once while its tests run, without holding every model at once
@@ -73,7 +87,8 @@ def reference_for(request):
     def get(name):
         if name not in _refs:
             path = request.getfixturevalue(MODEL_FIXTURES[name])
-            _remember(_refs, name, AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval(), MAX_REFS)
+            load = REFERENCES.get(name, lambda p: AutoModelForCausalLM.from_pretrained(p, dtype=torch.float32))
+            _remember(_refs, name, load(path).eval(), MAX_REFS)
         return _refs[name]
     yield get
     _refs.clear()

