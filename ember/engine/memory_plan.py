@@ -55,12 +55,18 @@ class MemoryPlan:
         return "\n".join(lines)
 
 
+def build_meta_model(hf_config):
+    """The serving model on the meta device, float32, as load_model fills it: (model, text config)."""
+    from ember.models import model_class_for, text_config_of
+    cls, config = model_class_for(hf_config), text_config_of(hf_config)
+    with torch.device("meta"):  # (vision-language models are built from the whole config)
+        model = cls(hf_config if getattr(cls, "takes_full_config", False) else config)
+    return model, config
+
+
 def meta_model(hf_config, dtype: torch.dtype):
     """The serving model class on the meta device, cast as load_model casts it: (model, text config)."""
-    from ember.models import model_class_for, text_config_of
-    config = text_config_of(hf_config)
-    with torch.device("meta"):
-        model = model_class_for(hf_config)(config)
+    model, config = build_meta_model(hf_config)
     return model.to(dtype), config
 
 
@@ -68,6 +74,7 @@ def weight_bytes(model: torch.nn.Module) -> tuple[int, int]:
     """(number of parameters, bytes) of the parameters and persistent buffers, each tensor once (tied embeddings)."""
     seen, count, size = set(), 0, 0
     for module in model.modules():
+        size += getattr(module, "packed_bytes", 0)  # weights held outside tensors (fbgemm's packed int8)
         tensors = list(module._parameters.values())
         tensors += [b for n, b in module._buffers.items() if n not in module._non_persistent_buffers_set]
         for t in tensors:

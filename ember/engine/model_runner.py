@@ -10,12 +10,12 @@ import torch
 from ember.distributed import tp_min_int, tp_size
 from ember.engine.kv_pool import KVCache
 from ember.engine.cpu_default_path import choose_weights_path
-from ember.engine.memory_plan import kv_layer_shapes, plan_for_model
+from ember.engine.memory_plan import build_meta_model, kv_layer_shapes, meta_model, plan_for_model, weight_bytes
 from ember.attention import create_backend
 from ember.attention.base import AttentionBackend, GroupBatch
 from ember.attention.torch_sdpa import TorchSDPABackend
 from ember.layers.rotary import RotaryEmbedding
-from ember.models import model_class_for, text_config_of
+from ember.loader.weight_loading import freed_memory_returned
 
 logger = logging.getLogger("ember.engine")
 
@@ -31,21 +31,28 @@ class ForwardBatch:
     attn_backend: AttentionBackend | None = None  # runs every attention layer on `attn`
 
 
-def load_model(model_dir, hf_config, dtype: torch.dtype, device: str):
+def load_model(model_dir, hf_config, dtype: torch.dtype, device: str, quantization: str | None = None):
+    """The model with its weights on `device`. With `quantization` (CPU), each linear layer is quantized as soon as
+    its weights are read and its float32 weights freed, so no float32 copy of the whole model is ever held."""
     from ember.loader import iter_weights
-    cls = model_class_for(hf_config)
-    config = text_config_of(hf_config)
     t0 = time.monotonic()
-    with torch.device("meta"):  # (vision-language models are built from the whole config)
-        model = cls(hf_config if getattr(cls, "takes_full_config", False) else config)
-    model = model.to_empty(device=device)
-    model.load_weights(iter_weights(model_dir))
-    model = model.to(dtype)
+    model, config = build_meta_model(hf_config)
+    model = model.to_empty(device=device)  # (pages are only touched, so only resident, as weights are written)
+    if quantization:
+        from ember.layers.model_quantization import cast_unquantized, quantize_model, quantizing_loader
+        with freed_memory_returned():
+            model.load_weights(iter_weights(model_dir), on_loaded=quantizing_loader(model, quantization, dtype))
+            cast_unquantized(model, dtype)
+            quantize_model(model, quantization)  # what the loader did not reach: MoE experts, partly-filled layers
+    else:
+        model.load_weights(iter_weights(model_dir))
+        model = model.to(dtype)
     for module in model.modules():  # RoPE tables: computed for real, kept in float32
         if isinstance(module, RotaryEmbedding):
             module.build(device)
     model.eval()
-    logger.info("loaded %s (%s) in %.1fs", type(model).__name__, dtype, time.monotonic() - t0)
+    logger.info("loaded %s (%s%s) in %.1fs", type(model).__name__, dtype, f", {quantization}" if quantization else "",
+                time.monotonic() - t0)
     return model, config
 
 
@@ -57,18 +64,18 @@ class ModelRunner:
         self.dtype = server_args.resolved_dtype()
         if self.device == "cpu" and server_args.num_threads:
             torch.set_num_threads(server_args.num_threads)
-        self.model, self.config = load_model(model_dir, hf_config, self.dtype, self.device)
-        # weights as loaded, KV bytes per token per group and the tokens each pool holds (the numbers --dry-run
-        # prints; planned before any quantization, which on CPU does not change the KV budget)
-        self.memory_plan = plan_for_model(self.model, self.config, server_args, self.dtype, self.device, loaded=True)
         self.weights_path = choose_weights_path(server_args.quantization, server_args.dtype, self.device, tp_size(),
                                                 model_dir)
-        if self.weights_path.quantization:
-            if self.device != "cpu":
-                raise ValueError(f"--quantization {server_args.quantization} is implemented for CPU only")
-            from ember.layers.model_quantization import quantize_model
-            quantize_model(self.model, self.weights_path.quantization)
-        logger.info("weights: %s (%s)", self.weights_path.quantization or "as loaded", self.weights_path.reason)
+        quantization = self.weights_path.quantization
+        if quantization and self.device != "cpu":
+            raise ValueError(f"--quantization {server_args.quantization} is implemented for CPU only")
+        # weights as the checkpoint gives them, KV bytes per token per group and the tokens each pool holds: the
+        # numbers --dry-run prints, planned before loading (on CPU quantization does not change the KV budget)
+        self.memory_plan = plan_for_model(*meta_model(hf_config, self.dtype), server_args, self.dtype, self.device,
+                                          loaded=False)
+        self.model, self.config = load_model(model_dir, hf_config, self.dtype, self.device, quantization)
+        logger.info("weights: %s (%s), %.2f GiB held", quantization or "as loaded", self.weights_path.reason,
+                    weight_bytes(self.model)[1] / 2**30)
         logger.info("%s", self.memory_plan.describe())
         self.page_size = server_args.page_size
         self.window = self.model.sliding_window()

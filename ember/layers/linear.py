@@ -173,6 +173,10 @@ class VocabParallelEmbedding(nn.Embedding):
         if loaded.shape[0] != self.full_vocab or loaded.shape[1:] != param.shape[1:]:
             raise ValueError(f"checkpoint shape {tuple(loaded.shape)} does not fit the model's "
                              f"{(self.full_vocab, *param.shape[1:])}")
+        if self.tp_size == 1 and loaded.dtype == param.dtype and loaded.device == param.device \
+                and loaded.is_contiguous() and loaded._base is None:
+            param.data = loaded  # the largest tensor of most models: take it as read rather than hold two copies
+            return param.numel()
         param.data[rows:].zero_()
         _check_copy(param.data[:rows], loaded.narrow(0, self.vocab_start, rows))
         return param.numel()

@@ -1,7 +1,7 @@
 """Convert a GGUF file into a cached Hugging Face-layout directory.
 
 The result, ``<cache>/hf/<stem>-<hash>/``, holds ``config.json``, ``generation_config.json``,
-``model.safetensors`` (float32, dequantized, HF tensor names) and the tokenizer files
+``model.safetensors`` (float32, dequantized, HF tensor names; shards and an index past 256 MB) and the tokenizer files
 (``tokenizer.json``, ``tokenizer_config.json`` with the chat template). Everything downstream
 (the model loader, the tokenizer manager, reference tests with transformers) then only ever
 sees a plain HF directory.
@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from .bundled import ember_cache_dir, file_lock
+from .weight_loading import freed_memory_returned
 
 logger = logging.getLogger("ember.loader")
 
@@ -199,24 +200,17 @@ def _convert_into(src: Path, out: Path, staging: Path) -> None:
         skeleton = AutoModelForCausalLM.from_config(config)
     config.architectures = [type(skeleton).__name__]
     t0 = time.perf_counter()
-    tensors = _dequantize_gguf(src, skeleton)
-    logger.info("Dequantized %d tensors in %.1fs", len(tensors), time.perf_counter() - t0)
-
-    tie_note = _maybe_tie_embeddings(skeleton, config, tensors, qtypes)
+    config.dtype = torch.float32
+    with freed_memory_returned():  # (each tensor's float32 pages go back as soon as its shard is written)
+        shapes, tie_note = _write_weights(_iter_dequantized(src, skeleton), out, skeleton, config, qtypes)
+    logger.info("Dequantized %d tensors into float32 safetensors in %.1fs", len(shapes), time.perf_counter() - t0)
     if tie_note:
         notes.append(tie_note)
     for note in notes:
         logger.info("Config fix: %s", note)
-    _check_complete(skeleton, config, tensors)
+    _check_complete(skeleton, config, shapes)
     del skeleton
-
-    t0 = time.perf_counter()
-    config.dtype = torch.float32
     config.save_pretrained(out)
-    tensors = {k: v.to(torch.float32).contiguous() for k, v in tensors.items()}
-    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
-    logger.info("Wrote float32 weights in %.1fs", time.perf_counter() - t0)
-    del tensors
 
     t0 = time.perf_counter()
     tokenizer = AutoTokenizer.from_pretrained(staging, gguf_file=src.name)
@@ -273,23 +267,114 @@ def _end_of_generation_ids(tokenizer, config) -> list[int]:
     return ids
 
 
-def _dequantize_gguf(src: Path, skeleton) -> dict[str, Any]:
-    """{HF name: float32 tensor} for every tensor of the GGUF file.
+SHARD_BYTES = 256 * 2**20  # float32 bytes per safetensors shard: what conversion holds besides the embeddings
 
-    This is what ``AutoModelForCausalLM.from_pretrained(dir, gguf_file=...)`` does for the
-    architectures transformers converts through its GGUF tensor processors (llama, qwen2,
-    gemma3, ...), minus building a model and the ``accelerate`` dependency it insists on.
+
+def _iter_dequantized(src: Path, skeleton):
+    """(HF name, float32 tensor) for each tensor of the GGUF file, one at a time.
+
+    This is the loop of transformers' ``load_gguf_checkpoint(..., return_tensors=True)`` (its name mapping and
+    per-architecture tensor processors, e.g. llama's q/k permutation), which would return every tensor at once: a
+    float32 copy of the whole model. Where those internals are not importable, that function is called instead.
     """
-    import inspect
+    import mmap
 
     import torch
-    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+    from gguf import GGUFReader, dequantize
+    try:
+        from transformers.modeling_gguf_pytorch_utils import (
+            TENSOR_PROCESSORS, TensorProcessor, get_gguf_hf_weights_map, load_gguf_checkpoint, read_field,
+        )
+    except ImportError:  # another transformers layout: whole-model conversion
+        from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+        tensors = load_gguf_checkpoint(str(src), return_tensors=True, model_to_load=skeleton)["tensors"]
+        while tensors:
+            name = next(iter(tensors))
+            yield name, tensors.pop(name).to(torch.float32)
+        return
+    parsed = load_gguf_checkpoint(str(src))  # config and tokenizer fields, as the tensor processors expect them
+    reader = GGUFReader(str(src))
+    architecture = read_field(reader, "general.architecture")[0]
+    processor = TENSOR_PROCESSORS.get(architecture, TensorProcessor)(config=parsed.get("config", {}))
+    mapping = get_gguf_hf_weights_map(skeleton, processor)
+    for tensor in reader.tensors:
+        result = processor.process(weights=_dequantize_rows(tensor, dequantize), name=tensor.name,
+                                   tensor_key_mapping=mapping, parsed_parameters=parsed)
+        name, weights = result.name, result.weights
+        del result
+        if not weights.flags.writeable:  # a view of the (read-only) file: F32/F16 tensors
+            weights = np.copy(weights)
+        if name in mapping:
+            yield mapping[name], torch.from_numpy(weights).to(torch.float32)
+        del weights
+        try:  # the file's pages read so far would otherwise stay resident (the reader maps the whole file)
+            reader.data._mmap.madvise(mmap.MADV_DONTNEED)
+        except (AttributeError, OSError, ValueError):
+            pass
 
-    kwargs: dict[str, Any] = {"return_tensors": True, "model_to_load": skeleton}
-    if "torch_dtype" in inspect.signature(load_gguf_checkpoint).parameters:
-        kwargs["torch_dtype"] = torch.float32
-    tensors = load_gguf_checkpoint(str(src), **kwargs)["tensors"]
-    return {k: v.to(torch.float32) for k, v in tensors.items()}
+
+def _dequantize_rows(tensor, dequantize, rows: int = 1024):
+    """gguf's dequantize, 1024 rows at a time into one float array: on a whole vocab x hidden matrix its float
+    temporaries are three times the result (1.6 GB more for Qwen2.5-0.5B's lm_head)."""
+    data = tensor.data
+    if data.ndim < 2 or data.shape[0] <= rows:
+        return dequantize(data, tensor.tensor_type)
+    first = dequantize(data[:rows], tensor.tensor_type)
+    out = np.empty((data.shape[0], *first.shape[1:]), dtype=first.dtype)
+    out[:rows] = first
+    for r0 in range(rows, data.shape[0], rows):
+        out[r0:r0 + rows] = dequantize(data[r0:r0 + rows], tensor.tensor_type)
+    return out
+
+
+def _write_weights(tensors, out: Path, skeleton, config, qtypes: dict[str, str]):
+    """Write the tensors as float32 safetensors shards of SHARD_BYTES (one file, model.safetensors, when they fit,
+    else model-0000N.safetensors and an index), holding back only the embeddings until the lm_head tie is decided
+    (llama.cpp writes them first).
+    Returns ({name: shape} written, the tie note or None)."""
+    from safetensors.torch import save_file
+
+    emb, head = skeleton.get_input_embeddings(), skeleton.get_output_embeddings()
+    held_names = {_param_name(skeleton, m) for m in (emb, head) if m is not None}
+    held, shard, files, weight_map, shapes, tie_note = {}, {}, [], {}, {}, None
+
+    def decide_tie() -> str | None:  # (once both embeddings are read, or at the end)
+        note = _maybe_tie_embeddings(skeleton, config, held, qtypes)
+        for name in held_names - held.keys():
+            shapes.pop(name, None)  # (the lm_head, now tied)
+        shard.update(held)
+        held.clear()
+        return note
+
+    def flush() -> None:
+        if shard:
+            name = f"model-{len(files) + 1:05d}.safetensors"
+            save_file(shard, str(out / name), metadata={"format": "pt"})
+            files.append(name)
+            weight_map.update(dict.fromkeys(shard, name))
+            shard.clear()
+
+    for name, t in tensors:
+        shapes[name] = tuple(t.shape)
+        if name in held_names:
+            held[name] = t
+            if held.keys() == held_names:
+                tie_note = decide_tie()
+            continue
+        shard[name] = t.contiguous()
+        del t
+        if sum(v.nbytes for v in shard.values()) >= SHARD_BYTES:
+            flush()
+    if held:
+        tie_note = decide_tie()
+    flush()
+    if len(files) == 1:
+        (out / files[0]).rename(out / "model.safetensors")
+    else:
+        total = sum((out / f).stat().st_size for f in files)
+        (out / "model.safetensors.index.json").write_text(
+            json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n")
+    return shapes, tie_note
 
 
 def _param_name(model, module) -> str | None:
@@ -299,8 +384,9 @@ def _param_name(model, module) -> str | None:
     return None
 
 
-def _check_complete(skeleton, config, tensors: dict[str, Any]) -> None:
+def _check_complete(skeleton, config, shapes: dict[str, tuple]) -> None:
     """Every parameter of the HF model is there, with its shape (bar a tied lm_head)."""
+    tensors = dict(shapes)
     expected = {k: tuple(v.shape) for k, v in skeleton.state_dict().items()}
     if getattr(config, "tie_word_embeddings", False):
         head = skeleton.get_output_embeddings()
@@ -314,9 +400,9 @@ def _check_complete(skeleton, config, tensors: dict[str, Any]) -> None:
             f"GGUF conversion produced an incomplete state dict: missing {sorted(missing)[:10]}, "
             f"unexpected {sorted(unexpected)[:10]}"
         )
-    for k, v in tensors.items():
-        if tuple(v.shape) != expected[k]:
-            raise RuntimeError(f"GGUF tensor {k} has shape {tuple(v.shape)}, the model wants {expected[k]}")
+    for k, shape in tensors.items():
+        if tuple(shape) != expected[k]:
+            raise RuntimeError(f"GGUF tensor {k} has shape {tuple(shape)}, the model wants {expected[k]}")
 
 
 def _patch_tokenizer_config(out: Path, template: str | None, max_len: int | None) -> None:

@@ -220,7 +220,7 @@ class Glm4MoeLiteForCausalLM(LlamaForCausalLM):
         return 1, self.config.kv_lora_rank + self.config.qk_rope_head_dim, 0
 
     def map_weight_name(self, name: str):
-        if "rotary_emb" in name:
+        if "rotary_emb" in name or (getattr(self, "tie_word_embeddings", False) and name == "lm_head.weight"):
             return None
         m = _LAYER.match(name)
         n = self.config.num_hidden_layers

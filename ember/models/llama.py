@@ -128,12 +128,11 @@ class LlamaForCausalLM(nn.Module):
     def map_weight_name(self, name: str) -> str | None:
         """HF checkpoint name -> our parameter name (None = skip)."""
         name = name.replace("model.language_model.", "model.").replace("language_model.model.", "model.")
-        if "rotary_emb" in name:
+        if "rotary_emb" in name or (self.tie_word_embeddings and name == "lm_head.weight"):
             return None
         return name
 
-    def load_weights(self, weights) -> None:
+    def load_weights(self, weights, on_loaded=None) -> None:
         if self.tie_word_embeddings:  # re-tie: moving off the meta device may have split them
             self.lm_head.weight = self.model.embed_tokens.weight
-            weights = ((n, t) for n, t in weights if n != "lm_head.weight")
-        load_weights(self, weights)
+        load_weights(self, weights, on_loaded)

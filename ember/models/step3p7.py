@@ -193,8 +193,8 @@ class Step3p7ForConditionalGeneration(Step3p5ForCausalLM):
             out.append(torch.cat(parts))
         return out
 
-    def load_weights(self, weights) -> None:
-        super().load_weights(hub_vision_to_ours(weights, self.full_config.vision_config.num_attention_heads))
+    def load_weights(self, weights, on_loaded=None) -> None:
+        super().load_weights(hub_vision_to_ours(weights, self.full_config.vision_config.num_attention_heads), on_loaded)
 
     def map_weight_name(self, name: str):
         for prefix in ("vision_model.", "multi_modal_projector."):

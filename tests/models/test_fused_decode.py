@@ -122,7 +122,7 @@ def test_fused_decode_only_where_it_applies(engine_for):
 
 def test_fused_decode_rejects_bad_metadata(engine_for):
     fused = engine_for("smollm2", quantization="w4a8").core.runner.fused_decoder
-    hidden = fused.embed.weight.shape[1]
+    hidden = fused.embed.embedding_dim
     x = torch.zeros(1, hidden)
     one = torch.tensor([1])
     with pytest.raises(RuntimeError, match="KV slot"):

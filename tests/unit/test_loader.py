@@ -8,6 +8,7 @@ locking, cache keys) is tested on tiny GGUF files written here, which convert in
 from __future__ import annotations
 
 import json
+import shutil
 import os
 import threading
 from pathlib import Path
@@ -330,6 +331,25 @@ def test_tiny_gguf_tie_detection(tiny_cache):
     assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] is False
     weights = dict(iter_weights(out))
     assert not torch.equal(weights["lm_head.weight"], weights["model.embed_tokens.weight"])
+
+
+def test_tiny_gguf_conversion_streams_into_shards(tiny_cache, monkeypatch):
+    """Conversion holds one shard of float32 tensors at a time (issue 12: no float32 copy of the whole model):
+    with a tiny shard size every tensor gets its own file, listed in the index, and the weights are the same."""
+    src = tiny_cache / "tiny.gguf"
+    _write_tiny_gguf(src, output_weight="different")
+    whole = dict(iter_weights(convert_gguf(src)))
+    shutil.rmtree(converted_dir_for(src))
+    monkeypatch.setattr(gguf_convert, "SHARD_BYTES", 1)
+    out = convert_gguf(src)
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert not (out / "model.safetensors").exists()
+    # a file per tensor, but the two embeddings join the next tensor's (held until the lm_head tie is decided)
+    assert len(set(index["weight_map"].values())) >= len(whole) - 2 > 1
+    sharded = dict(iter_weights(out))
+    assert sharded.keys() == whole.keys()
+    for name, t in whole.items():
+        assert torch.equal(sharded[name], t), name
 
 
 def test_tiny_gguf_concurrent_conversion(tiny_cache, monkeypatch):

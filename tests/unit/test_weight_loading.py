@@ -11,8 +11,8 @@ from tests.tiny_models import COMMON
 
 class _Cfg:
     def __init__(self, **kw):
-        self.__dict__.update(dict(COMMON, vocab_size=50, num_hidden_layers=1, rms_norm_eps=1e-6, hidden_act="silu",
-                                  rope_theta=10000.0, tie_word_embeddings=False, **kw))
+        self.__dict__.update(dict(dict(COMMON, vocab_size=50, num_hidden_layers=1, rms_norm_eps=1e-6, hidden_act="silu",
+                                       rope_theta=10000.0, tie_word_embeddings=False), **kw))
 
 
 def _checkpoint(cfg, seed=0):
@@ -91,3 +91,102 @@ def test_tp_shards_are_the_rank_slices(monkeypatch):
     head = ParallelLMHead(5, 3)
     head.weight_loader(head.weight, table)
     assert torch.equal(head.weight.data[:2], table[3:])
+
+
+# --- streaming: layers quantized as their weights arrive (issue 12, lean memory) -------------------------------
+
+def _loaded(cfg, ckpt, method=None):
+    from ember.layers.model_quantization import quantize_model, quantizing_loader
+    with torch.device("meta"):
+        model = LlamaForCausalLM(cfg)
+    model = model.to_empty(device="cpu")
+    if method is None:
+        model.load_weights(ckpt.items())
+        return model
+    model.load_weights(ckpt.items(), on_loaded=quantizing_loader(model, method, torch.float32))
+    return quantize_model(model, method)
+
+
+def test_on_loaded_sees_each_module_once_when_all_its_tensors_are_in():
+    cfg = _Cfg(tie_word_embeddings=True)
+    ckpt = _checkpoint(cfg)
+    del ckpt["lm_head.weight"]
+    with torch.device("meta"):
+        model = LlamaForCausalLM(cfg)
+    model = model.to_empty(device="cpu")
+    seen, loaded = [], set()
+    order = list(ckpt)
+
+    def on_loaded(name, module):
+        seen.append(name)
+        for pname, p in module.named_parameters(recurse=False):  # complete: every tensor of it already read
+            assert torch.count_nonzero(p) > 0, (name, pname)
+        loaded.add(name)
+
+    model.load_weights(((n, ckpt[n]) for n in order), on_loaded=on_loaded)
+    assert len(seen) == len(set(seen))  # once each
+    assert {"model.embed_tokens", "lm_head", "model.layers.0.self_attn.qkv_proj",
+            "model.layers.0.mlp.gate_up_proj", "model.norm"} <= loaded  # the tied head completes with the embedding
+
+
+@pytest.mark.parametrize("method", ["w4a8", "w8a8_int8", "int8"])
+@pytest.mark.parametrize("tied", [False, True])
+def test_streamed_quantization_equals_quantizing_the_loaded_model(method, tied):
+    from ember.layers.model_quantization import quantize_model
+    cfg = _Cfg(tie_word_embeddings=tied)
+    ckpt = _checkpoint(cfg)
+    if tied:
+        del ckpt["lm_head.weight"]
+    after = quantize_model(_loaded(cfg, ckpt), method)
+    streamed = _loaded(cfg, ckpt, method)
+    after_mods, n = dict(after.named_modules()), 0
+    for name, module in streamed.named_modules():
+        if not getattr(module, "quantized", False):
+            continue
+        other = after_mods[name]
+        assert type(other) is type(module), name
+        if hasattr(module, "embedding_dim"):
+            ids = torch.arange(cfg.vocab_size)
+            assert torch.equal(module(ids), other(ids)), name
+        else:
+            x = torch.randn(3, cfg.intermediate_size if "down_proj" in name else
+                            cfg.num_attention_heads * cfg.head_dim if "o_proj" in name else cfg.hidden_size)
+            assert torch.equal(module(x), other(x)), name
+        n += 1
+    assert n == 6  # embedding, qkv, o, gate_up, down, lm_head
+    assert not any(isinstance(m, torch.nn.Linear) for m in streamed.modules())
+    assert not any(t.dtype == torch.float32 and t.dim() == 2 for t in streamed.parameters())  # no float matrix left
+
+
+def test_quantized_embedding_is_close_and_compact():
+    from ember.layers.quantization import GroupQuantEmbedding
+    emb = VocabParallelEmbedding(100, 64)
+    torch.nn.init.normal_(emb.weight)
+    q = GroupQuantEmbedding(emb)
+    ids = torch.tensor([[0, 5, 99], [7, 7, 1]])
+    ref, got = emb(ids), q(ids)
+    groups = emb.weight.detach().unflatten(-1, (-1, 32))
+    step = (groups.amax(-1) - groups.amin(-1)).max() / 255
+    assert got.shape == ref.shape and got.dtype == ref.dtype
+    assert (got - ref).abs().max() <= 0.5 * step * 1.01 + 1e-3  # half a step (+ the fp16 rounding of scale/offset)
+    assert (got - ref).abs().max() > 0  # (it is quantized)
+    held = sum(b.numel() * b.element_size() for b in q.buffers())
+    assert held < emb.weight.numel() * 4 / 3.5
+
+
+def test_safetensors_are_read_tensor_by_tensor(tmp_path):
+    from safetensors.torch import save_file
+
+    from ember.loader.weights import read_safetensors
+    tensors = {"a": torch.randn(3, 5), "b": torch.randn(7).to(torch.bfloat16), "c": torch.arange(10).reshape(2, 5),
+               "empty": torch.zeros(0, 4), "scalar": torch.tensor(3.5), "h": torch.randn(4, 4).half(),
+               "flag": torch.tensor([True, False])}
+    save_file(tensors, str(tmp_path / "m.safetensors"))
+    got = dict(read_safetensors(tmp_path / "m.safetensors"))
+    assert got.keys() == tensors.keys()
+    for k, t in tensors.items():
+        assert got[k].dtype == t.dtype and torch.equal(got[k], t), k
+    data = (tmp_path / "m.safetensors").read_bytes()
+    (tmp_path / "cut.safetensors").write_bytes(data[:-8])
+    with pytest.raises(ValueError, match="truncated"):
+        list(read_safetensors(tmp_path / "cut.safetensors"))
