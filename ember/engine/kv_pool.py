@@ -7,6 +7,9 @@ they fall out of the window, so those layers never hold more than the window per
 """
 from __future__ import annotations
 
+import math
+import mmap
+
 import torch
 
 
@@ -38,6 +41,18 @@ class PageAllocator:
         self._free.extend(p for p in pages if p > 0)
 
 
+def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device) -> torch.Tensor:
+    """A zero KV tensor. On CPU it lies in anonymous mapped memory, which the kernel zeroes page by page on first
+    write: the pool takes memory as its pages are used (allocation is LIFO from the low pages), not all at start
+    (torch.zeros writes every byte: Qwen2.5-0.5B's 32k-token pool is 768 MB resident before any request)."""
+    if torch.device(device).type != "cpu":
+        return torch.zeros(shape, dtype=dtype, device=device)
+    nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    if nbytes == 0:
+        return torch.zeros(shape, dtype=dtype)
+    return torch.frombuffer(mmap.mmap(-1, nbytes), dtype=dtype).view(shape)  # (the tensor keeps the map alive)
+
+
 LayerShape = tuple[int, int, int]  # (kv heads, key dim, value dim) per token; MLA: (1, latent + rope dim, 0)
 
 
@@ -52,8 +67,8 @@ class KVCache:
         for layer, g in self.layer_group.items():
             slots = pages_per_group[g] * page_size
             heads, k_dim, v_dim = layer_shapes[layer]
-            self.k[layer] = torch.zeros(slots, heads, k_dim, dtype=dtype, device=device)
-            self.v[layer] = torch.zeros(slots, heads, v_dim, dtype=dtype, device=device)
+            self.k[layer] = _zeros((slots, heads, k_dim), dtype, device)
+            self.v[layer] = _zeros((slots, heads, v_dim), dtype, device)
 
     @staticmethod
     def bytes_per_token(shapes: list[LayerShape], dtype: torch.dtype) -> int:
