@@ -33,7 +33,7 @@ from .weight_loading import freed_memory_returned
 logger = logging.getLogger("ember.loader")
 
 # Bump when the output of the conversion changes, so that old cache entries are not reused.
-CONVERTER_VERSION = 1
+CONVERTER_VERSION = 2  # 2: sharded, written in the GGUF's order
 MARKER_FILE = ".ember_converted.json"
 
 
@@ -335,7 +335,9 @@ def _write_weights(tensors, out: Path, skeleton, config, qtypes: dict[str, str])
     from safetensors.torch import save_file
 
     emb, head = skeleton.get_input_embeddings(), skeleton.get_output_embeddings()
-    held_names = {_param_name(skeleton, m) for m in (emb, head) if m is not None}
+    held_names = {_param_name(skeleton, emb)} if emb is not None else set()
+    if head is not None and "output.weight" in qtypes:  # (no output.weight: tied, nothing to wait for)
+        held_names.add(_param_name(skeleton, head))
     held, shard, files, weight_map, shapes, tie_note = {}, {}, [], {}, {}, None
 
     def decide_tie() -> str | None:  # (once both embeddings are read, or at the end)
