@@ -29,6 +29,7 @@ class ForwardBatch:
     logit_index: torch.Tensor  # [B] index (into T) of each request's last token
     mm: object = None  # images/video: ember.multimodal.engine_glue.BatchMultimodal
     attn_backend: AttentionBackend | None = None  # runs every attention layer on `attn`
+    tree: bool = False  # speculative draft trees among the requests (attention under a tree mask)
 
 
 def load_model(model_dir, hf_config, dtype: torch.dtype, device: str, quantization: str | None = None):
@@ -143,7 +144,7 @@ class ModelRunner:
         attn = ModelRunner._attention_metadata(self, reqs, extend_lens, trees)
         logit_index = torch.cumsum(torch.tensor(extend_lens), 0) - 1
         return ForwardBatch(input_ids.to(self.device), positions.to(self.device), attn, self.kv_cache,
-                            logit_index.to(self.device), attn_backend=self.attn_backend)
+                            logit_index.to(self.device), attn_backend=self.attn_backend, tree=trees is not None)
 
     def _logits(self, batch: ForwardBatch) -> torch.Tensor:
         """The model on one batch: logits at batch.logit_index (decode batches fused where that applies)."""
@@ -153,11 +154,13 @@ class ModelRunner:
         return self.model(batch)
 
     def _split_forward(self, reqs, extend_lens, full_rows):
-        """A step mixing one-token rows (decode) with longer ones (prefill chunks), when decode steps run fused: the
-        one-token rows go through the fused step as in a pure decode batch, the rest through the torch path, so a
-        request's tokens do not depend on whether another request was prefilling beside it (the two paths round
-        differently). As SGLang, which by default does not mix prefill into decode batches either."""
-        parts = [[i for i, n in enumerate(extend_lens) if n == 1], [i for i, n in enumerate(extend_lens) if n > 1]]
+        """A step mixing requests the fused step takes (decode, speculative verify: at most FusedDecoder.MAX_ROWS
+        tokens) with longer prefill chunks, when decode steps run fused: the former go through the fused step as in
+        a batch of their own, the rest through the torch path, so a request's tokens do not depend on whether
+        another request was prefilling beside it (the two paths round differently). As SGLang, which by default
+        does not mix prefill into decode batches either."""
+        fused = self.fused_decoder.MAX_ROWS
+        parts = [[i for i, n in enumerate(extend_lens) if n <= fused], [i for i, n in enumerate(extend_lens) if n > fused]]
         outs = [self.forward([reqs[i] for i in idx], [extend_lens[i] for i in idx],
                              full_rows=None if full_rows is None else [full_rows[i] for i in idx]) for idx in parts]
         wants_rows = full_rows is not None and any(full_rows)
@@ -175,7 +178,8 @@ class ModelRunner:
         all_positions: logits at every token instead, [T, vocab].
         full_rows: per request, whether it also wants logits at all of its scheduled tokens (prompt logprobs);
         then returns (last [B, vocab], {i: [n_i, vocab]})."""
-        if self.fused_decoder is not None and not all_positions and 1 in extend_lens and max(extend_lens) > 1:
+        if (self.fused_decoder is not None and not all_positions
+                and min(extend_lens) <= self.fused_decoder.MAX_ROWS < max(extend_lens)):
             return self._split_forward(reqs, extend_lens, full_rows)
         batch = self.build_batch(reqs, extend_lens)
         if all_positions:

@@ -8,7 +8,11 @@ so a decode step is: embedding lookup (torch), every layer and the final norm (C
 It covers what the Llama decoder layer does (Llama, Mistral, Qwen2, Qwen3: RMSNorm, q/k/v with optional
 bias, optional per-head q/k norms, rotate-half RoPE from the model's own tables, full attention, SiLU-gated
 MLP) when every linear is a `GroupQuantLinear`; anything else (other architectures, sliding windows, other
-quantizations, GPU) keeps the torch path. Prefill and mixed batches always take the torch path.
+quantizations, GPU) keeps the torch path. A request bringing up to `MAX_ROWS` tokens (a speculative verify of
+its last token and the drafts after it, a short prefill chunk) runs here too, one row per token, each row
+attending to its request's keys up to its own position: a row's arithmetic is that of a one-token decode
+step, so verified tokens are the tokens speculation-off decoding gives. Longer prefill chunks, draft trees
+and images take the torch path.
 """
 from __future__ import annotations
 
@@ -74,6 +78,9 @@ def _or_none(t: torch.Tensor | None) -> torch.Tensor:
 class FusedDecoder:
     """The decoder layers and final norm of `model` as one C++ DecodeStack sharing its weights and KV pages."""
 
+    # tokens per request a step may bring here: a verify of NGRAM's default 8 or a draft model's few, with room
+    MAX_ROWS = 16
+
     def __init__(self, model, kv_cache):
         reason = unsupported_reason(model, kv_cache)
         if reason:
@@ -101,18 +108,20 @@ class FusedDecoder:
         self.embed = model.model.embed_tokens
         self.kernel_ns = ns
 
-    @staticmethod
-    def applies_to(batch) -> bool:
-        """A pure decode batch: every request brings exactly one new token."""
-        meta = batch.attn["full"]
-        return meta.max_q == 1 and batch.input_ids.shape[0] == meta.batch_size
+    @classmethod
+    def applies_to(cls, batch) -> bool:
+        """Every request brings at most MAX_ROWS tokens, under plain causal attention (no draft tree), text only."""
+        return batch.attn["full"].max_q <= cls.MAX_ROWS and not batch.tree and batch.mm is None
 
     @torch.inference_mode()
     def __call__(self, batch) -> torch.Tensor:
-        """Final-normed hidden states, one row per request: [B, hidden]."""
+        """Final-normed hidden states, one row per token: [T, hidden]."""
         meta = batch.attn["full"]
-        return self.stack.forward(self.embed(batch.input_ids), batch.positions, meta.write_slots, meta.kv_slots,
-                                  meta.kv_lens)
+        kv_slots, kv_lens = meta.kv_slots, meta.kv_lens
+        if batch.input_ids.shape[0] != meta.batch_size:  # several tokens of a request: a row each, causal
+            request = torch.div(meta.q_pad_index, meta.max_q, rounding_mode="floor")
+            kv_slots, kv_lens = kv_slots.index_select(0, request), batch.positions + 1  # (keys from position 0)
+        return self.stack.forward(self.embed(batch.input_ids), batch.positions, meta.write_slots, kv_slots, kv_lens)
 
 
 def maybe_fused_decoder(model, kv_cache, enabled: bool = True) -> FusedDecoder | None:

@@ -217,6 +217,32 @@ def test_json_schema_stop_strings_and_logprobs(case, engine_for, smollm2_dir, re
     assert_pool_empty(engine)
 
 
+@pytest.mark.parametrize("case", ["ngram", "standalone"])
+def test_w4a8_verify_steps_are_decode_steps(case, engine_for, smollm2_dir):
+    """Under w4a8 (what the CPU serves by default) decode steps run fused (kernels/fused_decode.cpp), and so do
+    verify steps, one row per token with a one-token step's arithmetic: speculation gives the logprobs of
+    speculation off bit for bit, not only its greedy tokens (the torch path would round differently)."""
+    spec = {"speculative_algorithm": "NGRAM"} if case == "ngram" else {
+        "speculative_algorithm": "STANDALONE", "speculative_draft_model_path": str(smollm2_dir)}
+    plain = engine_for("smollm2", quantization="w4a8")
+    engine = engine_for("smollm2", quantization="w4a8", **spec)
+    assert engine.core.runner.fused_decoder is not None
+    params = {**GREEDY, "max_new_tokens": 32, "logprobs": 3}
+    for e in (plain, engine):  # (the batched prefills take the torch path together: compare batched to batched)
+        e.flush_cache()
+    want, got = plain.generate(PROMPTS, params), engine.generate(PROMPTS, params)
+    for p in PROMPTS:
+        for e in (plain, engine):
+            e.flush_cache()
+        want.append(plain.generate(p, params))
+        got.append(engine.generate(p, params))
+    for w, g in zip(want, got):
+        assert g["output_ids"] == w["output_ids"]
+        assert g["meta_info"]["output_token_logprobs"] == w["meta_info"]["output_token_logprobs"]
+    assert engine.core.stats()["speculative"]["avg_accept_length"] > 1.5
+    assert_pool_empty(engine)
+
+
 @pytest.mark.parametrize("case", ["ngram", "standalone-self", "standalone-tree"])
 def test_concurrent_aborts_and_preemption_free_every_page(case, engine_for, smollm2_dir):
     from ember.engine.io_struct import GenerateReq
