@@ -51,20 +51,17 @@ def tiny_qwen2_5_vl(path: pathlib.Path) -> pathlib.Path:
 
 
 def make_image(w, h, seed):
-    """An RGB uint8 image: gradients plus seeded rectangles (the shared fixtures' generator)."""
+    """An RGB uint8 image [h, w, 3]: gradients plus seeded rectangles, made by the generator of the processor
+    fixtures (tests/data/processor_fixtures/make_step3p7_processor_fixture.py, a script that runs on its own where
+    torchvision imports), so that tests rebuild the fixtures' inputs exactly."""
+    import importlib.util
+
     import numpy as np
-    from PIL import Image, ImageDraw
-    y, x = np.mgrid[0:h, 0:w]
-    arr = np.stack([(x * 255 // max(w - 1, 1)), (y * 255 // max(h - 1, 1)), ((x + y) * 127 // max(w + h - 2, 1))],
-                   axis=-1).astype(np.uint8)
-    im = Image.fromarray(arr, "RGB")
-    rng = np.random.RandomState(seed)
-    d = ImageDraw.Draw(im)
-    for _ in range(6):
-        x0, y0 = int(rng.randint(0, w)), int(rng.randint(0, h))
-        x1, y1 = x0 + int(rng.randint(4, max(5, w // 3))), y0 + int(rng.randint(4, max(5, h // 3)))
-        d.rectangle([x0, y0, x1, y1], fill=tuple(int(c) for c in rng.randint(0, 256, 3)))
-    return np.asarray(im)
+    script = pathlib.Path(__file__).parent / "data" / "processor_fixtures" / "make_step3p7_processor_fixture.py"
+    spec = importlib.util.spec_from_file_location("make_step3p7_processor_fixture", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return np.asarray(module.test_image(w, h, seed))
 
 
 def make_frames(T=8, H=90, W=120):

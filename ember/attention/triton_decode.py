@@ -16,7 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ember.attention.triton_common import NO_WINDOW, block, dot_precision, paged_slots
+from ember.attention.triton_common import (NO_WINDOW, block, dot_precision, log_sum_exp, paged_slots, softmax_block,
+                                           softmax_output)
 
 
 @triton.jit
@@ -53,20 +54,14 @@ def _decode_kernel(Q, K, V, O, Lse, PageTable, SeqLens,
                     mask=valid[:, None] & (dk[None, :] < DK), other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale  # [BLOCK_H, BLOCK_N]
         s = tl.where(valid[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))  # finite: every block has a valid key
-        p = tl.exp(s - m_new[:, None])
-        alpha = tl.exp(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(V + slot[:, None] * stride_vs + kvh * stride_vh + dv[None, :],
                     mask=valid[:, None] & (dv[None, :] < DV), other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-        m_i = m_new
-    out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+        m_i, l_i, acc = softmax_block(s, v, m_i, l_i, acc, PRECISION)
+    out = softmax_output(acc, l_i)
     tl.store(O + b * stride_ob + heads[:, None] * stride_oh + split * stride_os + dv[None, :],
              out.to(O.dtype.element_ty), mask=row_ok[:, None] & (dv[None, :] < DV))
     if NUM_SPLITS > 1:
-        lse = tl.where(l_i > 0, m_i + tl.log(tl.where(l_i > 0, l_i, 1.0)), float("-inf"))
-        tl.store(Lse + b * stride_lb + heads * stride_lh + split, lse, mask=row_ok)
+        tl.store(Lse + b * stride_lb + heads * stride_lh + split, log_sum_exp(m_i, l_i), mask=row_ok)
 
 
 @triton.jit

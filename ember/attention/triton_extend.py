@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ember.attention.triton_common import NO_WINDOW, block, dot_precision, paged_slots
+from ember.attention.triton_common import NO_WINDOW, block, dot_precision, paged_slots, softmax_block, softmax_output
 
 
 @triton.jit
@@ -57,17 +57,10 @@ def _extend_kernel(Q, K, V, O, PageTable, Prefix, QLoc, QLen,
             s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale  # [BLOCK_M, BLOCK_N]
             keep = valid[None, :] & (pos[None, :] <= q_pos[:, None]) & (q_pos[:, None] - pos[None, :] < window)
             s = tl.where(keep, s, float("-inf"))
-            # a row may see nothing in this block (window, padding rows): keep its max finite so exp gives 0
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-            p = tl.exp(s - m_use[:, None])
-            alpha = tl.exp(m_i - m_use)
-            l_i = l_i * alpha + tl.sum(p, 1)
             v = tl.load(V + slot[:, None] * stride_vs + kvh * stride_vh + dv[None, :],
                         mask=valid[:, None] & (dv[None, :] < DV), other=0.0)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-            m_i = m_new
-        out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+            m_i, l_i, acc = softmax_block(s, v, m_i, l_i, acc, PRECISION)
+        out = softmax_output(acc, l_i)
         tl.store(O + rows[:, None] * stride_ot + h * stride_oh + dv[None, :], out.to(O.dtype.element_ty),
                  mask=row_ok[:, None] & (dv[None, :] < DV))
 

@@ -12,7 +12,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ember.attention.triton_common import NO_WINDOW, block, dot_precision, paged_slots
+from ember.attention.triton_common import (NO_WINDOW, block, dot_precision, log_sum_exp, paged_slots, softmax_block,
+                                           softmax_output)
 from ember.attention.triton_decode import combine_splits, num_splits, split_buffers
 
 
@@ -51,19 +52,12 @@ def _mla_decode_kernel(QL, QR, Cache, O, Lse, PageTable, SeqLens,
         s = (tl.dot(q_lat, tl.trans(c), input_precision=PRECISION)
              + tl.dot(q_rope, tl.trans(k_r), input_precision=PRECISION)) * scale  # [BLOCK_H, BLOCK_N]
         s = tl.where(valid[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        p = tl.exp(s - m_new[:, None])
-        alpha = tl.exp(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        # the values are the latent rows just loaded
-        acc = acc * alpha[:, None] + tl.dot(p.to(c.dtype), c, input_precision=PRECISION)
-        m_i = m_new
-    out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+        m_i, l_i, acc = softmax_block(s, c, m_i, l_i, acc, PRECISION)  # the values: the latent rows just loaded
+    out = softmax_output(acc, l_i)
     tl.store(O + b * stride_ob + heads[:, None] * stride_oh + split * stride_os + dr_[None, :],
              out.to(O.dtype.element_ty), mask=row_ok[:, None] & (dr_[None, :] < R))
     if NUM_SPLITS > 1:
-        lse = tl.where(l_i > 0, m_i + tl.log(tl.where(l_i > 0, l_i, 1.0)), float("-inf"))
-        tl.store(Lse + b * stride_lb + heads * stride_lh + split, lse, mask=row_ok)
+        tl.store(Lse + b * stride_lb + heads * stride_lh + split, log_sum_exp(m_i, l_i), mask=row_ok)
 
 
 def paged_mla_decode(q_latent: torch.Tensor, q_rope: torch.Tensor, cache: torch.Tensor, page_table: torch.Tensor,

@@ -64,6 +64,7 @@ class ReqView:
     token_ids: _Tokens
     page_tables: dict
     mm: object = None  # images/video (ember/multimodal): every rank attaches the same embeddings and positions
+    spec_tree: object = None  # a speculative draft tree being verified (ember/speculative/tree.py)
 
     @classmethod
     def of(cls, req, n: int) -> "ReqView":
@@ -72,7 +73,7 @@ class ReqView:
         if mm is not None and mm.items:  # only the items this step's tokens cover travel (their pixels)
             items = [it for it in mm.items if it.offset < b and it.offset + it.length > a]
             mm = dataclasses.replace(mm, items=items) if len(items) != len(mm.items) else mm
-        return cls(a, _Tokens(a, req.token_ids[a:b]), req.page_tables, mm)
+        return cls(a, _Tokens(a, req.token_ids[a:b]), req.page_tables, mm, getattr(req, "spec_tree", None))
 
 
 @dataclasses.dataclass
@@ -83,8 +84,17 @@ class Step:
     all_positions: bool
     full_rows: list[bool] | None
 
+    def run(self, runner):  # (ModelRunner's own forward: on rank 0 the runner is the driver, which broadcasts)
+        return ModelRunner.forward(runner, self.reqs, self.extend_lens, self.all_positions, self.full_rows)
+
+
+@dataclasses.dataclass
+class KVMove:
+    """One ModelRunner.move_kv call (a speculative tree's kept path), which every rank makes on its own pool."""
+    moves: dict
+
     def run(self, runner):
-        return runner.forward(self.reqs, self.extend_lens, self.all_positions, self.full_rows)
+        return ModelRunner.move_kv(runner, self.moves)
 
 
 SPECULATIVE_FIELDS = ("speculative_algorithm", "speculative_draft_model_path", "speculative_num_steps",
@@ -142,15 +152,23 @@ class TPDriverRunner(ModelRunner):
 
     # ------------------------------------------------------------------ steps
     def forward(self, reqs, extend_lens, all_positions: bool = False, full_rows: list[bool] | None = None):
+        step = Step([ReqView.of(r, n) for r, n in zip(reqs, extend_lens)], list(extend_lens), all_positions,
+                    full_rows)
+        return self._everywhere(step)
+
+    def move_kv(self, moves: dict) -> None:
+        if moves:
+            self._everywhere(KVMove(moves))
+
+    def _everywhere(self, step):
+        """Run `step` on every rank: broadcast it, then run it here (rank 0)."""
         if self.failure:
             raise RankFailed(self.failure)
         import torch.distributed as dist
-        step = Step([ReqView.of(r, n) for r, n in zip(reqs, extend_lens)], list(extend_lens), all_positions,
-                    full_rows)
         try:
             with bound_state(self.state):
                 dist.broadcast_object_list([step], src=0, group=self.state[3])
-                return super().forward(reqs, extend_lens, all_positions, full_rows)
+                return step.run(self)
         except Exception as e:  # the ranks are out of step now: nothing more can run
             time.sleep(MONITOR_PERIOD_S * 2)
             self.failure = self.failure or f"a tensor-parallel step failed: {type(e).__name__}: {e}"

@@ -29,7 +29,7 @@ class ForwardBatch:
     logit_index: torch.Tensor  # [B] index (into T) of each request's last token
     mm: object = None  # images/video: ember.multimodal.engine_glue.BatchMultimodal
     attn_backend: AttentionBackend | None = None  # runs every attention layer on `attn`
-    tree: bool = False  # speculative draft trees among the requests (attention under a tree mask)
+    trees: list | None = None  # per request its speculative draft tree (ember/speculative/tree.py TreeSpec) or None
 
 
 def load_model(model_dir, hf_config, dtype: torch.dtype, device: str, quantization: str | None = None):
@@ -144,7 +144,16 @@ class ModelRunner:
         attn = ModelRunner._attention_metadata(self, reqs, extend_lens, trees)
         logit_index = torch.cumsum(torch.tensor(extend_lens), 0) - 1
         return ForwardBatch(input_ids.to(self.device), positions.to(self.device), attn, self.kv_cache,
-                            logit_index.to(self.device), attn_backend=self.attn_backend, tree=trees is not None)
+                            logit_index.to(self.device), attn_backend=self.attn_backend, trees=trees)
+
+    def move_kv(self, moves: dict) -> None:
+        """Copy KV rows between pool slots in every layer: per KV group (destination slots, source slots), all
+        sources read before any is written (a speculative tree's kept path moved into place)."""
+        for layer, g in self.kv_cache.layer_group.items():
+            if g in moves:
+                for cache in self.kv_cache.layer(layer):
+                    dst, src = (torch.tensor(s, device=cache.device) for s in moves[g])
+                    cache.index_copy_(0, dst, cache.index_select(0, src))
 
     def _logits(self, batch: ForwardBatch) -> torch.Tensor:
         """The model on one batch: logits at batch.logit_index (decode batches fused where that applies)."""

@@ -8,8 +8,23 @@ from ember.engine.detokenizer import IncrementalDetokenizer
 from ember.engine.sampling_params import SamplingParams
 
 
+class OutputTokens:
+    """What a request's output is, read off token_ids (prompt then output) and prompt_ids."""
+    __slots__ = ()
+    token_ids: list[int]
+    prompt_ids: list[int]
+
+    @property
+    def num_output(self) -> int:
+        return len(self.token_ids) - len(self.prompt_ids)
+
+    @property
+    def output_ids(self) -> list[int]:
+        return self.token_ids[len(self.prompt_ids):]
+
+
 @dataclass
-class Req:
+class Req(OutputTokens):
     rid: str
     prompt_ids: list[int]
     sampling: SamplingParams
@@ -39,13 +54,6 @@ class Req:
     def __post_init__(self):
         self.token_ids = list(self.prompt_ids)
 
-    @property
-    def num_output(self) -> int:
-        return len(self.token_ids) - len(self.prompt_ids)
-
-    @property
-    def output_ids(self) -> list[int]:
-        return self.token_ids[len(self.prompt_ids):]
 
     @property
     def extend_len(self) -> int:

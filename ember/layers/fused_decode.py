@@ -11,8 +11,8 @@ MLP) when every linear is a `GroupQuantLinear`; anything else (other architectur
 quantizations, GPU) keeps the torch path. A request bringing up to `MAX_ROWS` tokens (a speculative verify of
 its last token and the drafts after it, a short prefill chunk) runs here too, one row per token, each row
 attending to its request's keys up to its own position: a row's arithmetic is that of a one-token decode
-step, so verified tokens are the tokens speculation-off decoding gives. Longer prefill chunks, draft trees
-and images take the torch path.
+step, so verified tokens are the tokens speculation-off decoding gives (draft trees too: a node's row sees the
+prefix and its ancestors). Longer prefill chunks and images take the torch path.
 """
 from __future__ import annotations
 
@@ -110,18 +110,41 @@ class FusedDecoder:
 
     @classmethod
     def applies_to(cls, batch) -> bool:
-        """Every request brings at most MAX_ROWS tokens, under plain causal attention (no draft tree), text only."""
-        return batch.attn["full"].max_q <= cls.MAX_ROWS and not batch.tree and batch.mm is None
+        """Every request brings at most MAX_ROWS tokens, text only."""
+        return batch.attn["full"].max_q <= cls.MAX_ROWS and batch.mm is None
 
     @torch.inference_mode()
     def __call__(self, batch) -> torch.Tensor:
         """Final-normed hidden states, one row per token: [T, hidden]."""
         meta = batch.attn["full"]
         kv_slots, kv_lens = meta.kv_slots, meta.kv_lens
-        if batch.input_ids.shape[0] != meta.batch_size:  # several tokens of a request: a row each, causal
+        if batch.input_ids.shape[0] != meta.batch_size:  # several tokens of a request: a row each
             request = torch.div(meta.q_pad_index, meta.max_q, rounding_mode="floor")
-            kv_slots, kv_lens = kv_slots.index_select(0, request), batch.positions + 1  # (keys from position 0)
+            if batch.trees is not None and any(t is not None for t in batch.trees):
+                kv_slots, kv_lens = _tree_rows(meta, request, batch.trees)
+            else:  # causal: a row sees its request's keys up to its own position (keys start at position 0)
+                kv_slots, kv_lens = kv_slots.index_select(0, request), batch.positions + 1
         return self.stack.forward(self.embed(batch.input_ids), batch.positions, meta.write_slots, kv_slots, kv_lens)
+
+
+def _tree_rows(meta, request: torch.Tensor, trees: list) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per token row, the KV slots it attends to, for requests verifying (or drafting) a tree (TreeSpec): a node
+    sees the slots before the tree's base and, among the tree's, those of its ancestors and itself, in slot order
+    (parents before children, as a one-token step at that node's position reads them). Other rows: causal."""
+    offset = meta.q_pad_index - request * meta.max_q
+    q_len = torch.bincount(request, minlength=meta.batch_size)
+    first = (meta.kv_lens - q_len).tolist()  # (keys start at position 0: no sliding windows here)
+    rows = []
+    for b, s in zip(request.tolist(), offset.tolist()):
+        s += first[b]  # the row's own slot, as a position in its request's page table
+        spec = trees[b]
+        if spec is None or s < spec.base:
+            idx = torch.arange(s + 1)
+        else:
+            idx = torch.cat([torch.arange(spec.base), spec.base + spec.vis[s - spec.base].nonzero().flatten()])
+        rows.append(meta.kv_slots[b].index_select(0, idx))
+    lens = torch.tensor([len(r) for r in rows])
+    return torch.nn.utils.rnn.pad_sequence(rows, batch_first=True), lens
 
 
 def maybe_fused_decoder(model, kv_cache, enabled: bool = True) -> FusedDecoder | None:

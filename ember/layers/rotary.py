@@ -31,6 +31,18 @@ def rope_inv_freq(config, head_dim: int, layer_type: str | None = None) -> tuple
     return inv_freq.float(), float(scale)
 
 
+def rotate_half(x):
+    """HF's rotate-half: [x1, x2] -> [-x2, x1] along the last dim."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([-x2, x1], dim=-1)
+
+
+def rotate_in_float32(x, cos, sin):
+    """Rotate-half RoPE computed in float32 and cast back (the vision towers' attention, as transformers does)."""
+    xf = x.float()
+    return (xf * cos + rotate_half(xf) * sin).to(x.dtype)
+
+
 class RotaryEmbedding(nn.Module):
     def __init__(self, config, head_dim: int, max_positions: int, layer_type: str | None = None):
         super().__init__()
@@ -53,11 +65,6 @@ class RotaryEmbedding(nn.Module):
         self.cos = (emb.cos() * scale).to(device)
         self.sin = (emb.sin() * scale).to(device)
 
-    @staticmethod
-    def _rotate_half(x):
-        x1, x2 = x.chunk(2, dim=-1)
-        return torch.cat([-x2, x1], dim=-1)
-
     def _cos_sin(self, positions: torch.Tensor, dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """cos/sin rows for these positions. Every layer of a step passes the same positions tensor, so the
         rows are looked up once per step, not once per layer (small ops dominate CPU decode)."""
@@ -74,7 +81,7 @@ class RotaryEmbedding(nn.Module):
         x = torch.cat([q, k], dim=1)
         if self.rotary_dim < self.head_dim:  # partial rotary: only the leading rotary_dim dims turn
             rot, rest = x.split([self.rotary_dim, self.head_dim - self.rotary_dim], dim=-1)
-            x = torch.cat([rot * cos + self._rotate_half(rot) * sin, rest], dim=-1)
+            x = torch.cat([rot * cos + rotate_half(rot) * sin, rest], dim=-1)
         else:
-            x = x * cos + self._rotate_half(x) * sin
+            x = x * cos + rotate_half(x) * sin
         return x[:, :q.shape[1]], x[:, q.shape[1]:]

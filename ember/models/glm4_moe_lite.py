@@ -30,7 +30,7 @@ from ember.layers.mlp import GatedMLP
 from ember.layers.moe import MoEExperts, route_sigmoid
 from ember.layers.norm import RMSNorm
 from ember.layers.rotary import RotaryEmbedding
-from ember.models.llama import LlamaForCausalLM
+from ember.models.llama import LlamaForCausalLM, LlamaModel
 
 # transformers' Glm4MoeLiteRMSNorm default: the q/kv latent norms do not take config.rms_norm_eps
 LATENT_NORM_EPS = 1e-6
@@ -193,11 +193,7 @@ class Glm4MoeLiteModel(nn.Module):
         self.layers = nn.ModuleList(Glm4MoeLiteDecoderLayer(config, i, self.rotary) for i in range(n))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, batch):
-        x = self.embed_tokens(batch.input_ids)
-        for layer in self.layers:
-            x = layer(batch.positions, x, batch)
-        return self.norm(x)
+    forward = LlamaModel.forward  # embed, the layers, the final norm
 
 
 _EXPERT = re.compile(r"(.*\.mlp\.experts)\.(\d+)\.(gate|up|down)_proj\.weight$")

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ember.layers.norm import RMSNorm
-from ember.layers.rotary import RotaryEmbedding
+from ember.layers.rotary import RotaryEmbedding, rotate_in_float32
 from ember.models.llama import head_dim_of
 from ember.models.qwen2 import Qwen2ForCausalLM, Qwen2Model
 
@@ -80,11 +80,6 @@ class VisionMLP(nn.Module):
         return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
 
 
-def _rotate_half(x):
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat([-x2, x1], dim=-1)
-
-
 class VisionAttention(nn.Module):
     def __init__(self, dim, num_heads):
         super().__init__()
@@ -95,9 +90,7 @@ class VisionAttention(nn.Module):
     def forward(self, x, cu_seqlens: list[int], cos, sin):
         N = x.shape[0]
         q, k, v = self.qkv(x).view(N, 3, self.num_heads, self.head_dim).unbind(1)
-        dt = q.dtype
-        q = (q.float() * cos + _rotate_half(q.float()) * sin).to(dt)
-        k = (k.float() * cos + _rotate_half(k.float()) * sin).to(dt)
+        q, k = rotate_in_float32(q, cos, sin), rotate_in_float32(k, cos, sin)
         q, k, v = (t.transpose(0, 1) for t in (q, k, v))  # [H, N, D]
         out = torch.empty_like(q)
         for a, b in zip(cu_seqlens[:-1], cu_seqlens[1:]):  # attention within each window / frame only

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ember.layers.rotary import rotate_in_float32
 from ember.models.step3p5 import Step3p5ForCausalLM, Step3p5Model
 
 _ACT = {"quick_gelu": lambda x: x * torch.sigmoid(1.702 * x), "gelu": F.gelu, "silu": F.silu,
@@ -34,11 +35,6 @@ class Step3p7TextModel(Step3p5Model):
         return self.norm(x)
 
 
-def _rotate_half(x):
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat([-x2, x1], dim=-1)
-
-
 class VisionAttention(nn.Module):
     def __init__(self, dim, heads):
         super().__init__()
@@ -49,9 +45,7 @@ class VisionAttention(nn.Module):
     def forward(self, x, cos, sin):  # x [B, N, C]
         B, N, _ = x.shape
         q, k, v = (p(x).view(B, N, self.heads, self.head_dim) for p in (self.q_proj, self.k_proj, self.v_proj))
-        dt = q.dtype
-        q = (q.float() * cos + _rotate_half(q.float()) * sin).to(dt)
-        k = (k.float() * cos + _rotate_half(k.float()) * sin).to(dt)
+        q, k = rotate_in_float32(q, cos, sin), rotate_in_float32(k, cos, sin)
         out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
         return self.out_proj(out.transpose(1, 2).reshape(B, N, -1))
 

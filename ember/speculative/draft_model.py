@@ -45,8 +45,10 @@ class DraftModelDrafter:
         hf = AutoConfig.from_pretrained(draft_dir, trust_remote_code=args.trust_remote_code)
         kv = core.runner.kv_cache
         tokens = kv.allocators["full"].total * kv.page_size  # as many tokens as the target's pool
+        # one whole copy on this process (rank 0 of a tensor-parallel engine): it drafts between the target's steps,
+        # which are the only calls the other ranks take part in
         dargs = dataclasses.replace(args, model_path=str(draft_dir), max_total_tokens=tokens,
-                                    context_length=core.context_length)
+                                    context_length=core.context_length, tp_size=1, ep_size=1)
         self.runner = ModelRunner(draft_dir, hf, dargs)
         self.vocab = min(core.vocab_size, self.runner.config.vocab_size)  # drafts the target can verify
         self.steps = cfg.max_drafts

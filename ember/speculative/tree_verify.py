@@ -9,8 +9,6 @@ the tokens of speculation off).
 """
 from __future__ import annotations
 
-import torch
-
 from ember.speculative.tree import DraftTree
 from ember.speculative.verify import DraftView
 
@@ -39,20 +37,13 @@ def tree_grammar_rows(grammar_backend, req, tree: DraftTree):
     return mask
 
 
-def move_path_kv(kv_cache, req, start: int, nodes: list[int]) -> None:
-    """Node j's KV was written at slot position start + j; the kept path must sit at start, start + 1, ... (every
-    layer, every pool: full and sliding-window). Sources never precede their destinations, and all are read first."""
+def path_kv_moves(req, start: int, nodes: list[int], page_size: int) -> dict:
+    """Node j's KV was written at slot position start + j; the kept path must sit at start, start + 1, ...: per KV
+    group (full, sliding-window) the (destination, source) pool slots, for ModelRunner.move_kv. Sources never
+    precede their destinations."""
     moves = [(start + i, start + j) for i, j in enumerate(nodes) if i != j]
     if not moves:
-        return
-    P = kv_cache.page_size
-    slots = {}
-    for g, table in req.page_tables.items():
-        dst = [table[p // P] * P + p % P for p, _ in moves]
-        src = [table[p // P] * P + p % P for _, p in moves]
-        slots[g] = (torch.tensor(dst), torch.tensor(src))
-    for layer, g in kv_cache.layer_group.items():
-        dst, src = slots[g]
-        for cache in kv_cache.layer(layer):
-            dst_d, src_d = dst.to(cache.device), src.to(cache.device)
-            cache.index_copy_(0, dst_d, cache.index_select(0, src_d))
+        return {}
+    P = page_size
+    return {g: ([table[p // P] * P + p % P for p, _ in moves], [table[p // P] * P + p % P for _, p in moves])
+            for g, table in req.page_tables.items()}

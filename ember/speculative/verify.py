@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import torch
 
+from ember.engine.request import OutputTokens
 
-class DraftView:
+
+class DraftView(OutputTokens):
     """A request as the sampler sees it after `extra` more output tokens (the drafts before a verified row)."""
     __slots__ = ("sampling", "token_ids", "prompt_ids", "grammar")
 
@@ -23,14 +25,6 @@ class DraftView:
         self.prompt_ids = req.prompt_ids
         self.token_ids = req.token_ids + extra if extra else req.token_ids
         self.grammar = req.grammar
-
-    @property
-    def num_output(self) -> int:
-        return len(self.token_ids) - len(self.prompt_ids)
-
-    @property
-    def output_ids(self) -> list[int]:
-        return self.token_ids[len(self.prompt_ids):]
 
 
 def grammar_rows(grammar_backend, req, drafts: list[int]):

@@ -17,7 +17,7 @@ import logging
 import torch
 
 from ember.speculative.config import SpecConfig
-from ember.speculative.tree_verify import move_path_kv, node_views, tree_grammar_rows
+from ember.speculative.tree_verify import node_views, path_kv_moves, tree_grammar_rows
 from ember.speculative.verify import DraftView, accept_length, grammar_rows
 
 logger = logging.getLogger("ember.speculative")
@@ -247,7 +247,7 @@ class SpecWorker:
             m += 1
             if req.finished or req.forced_ids:  # a stop / max_tokens / the thinking budget cut the rest
                 break
-        move_path_kv(core.runner.kv_cache, req, L, path[:m])
+        core.runner.move_kv(path_kv_moves(req, L, path[:m], core.runner.page_size))
         req.kv_len = L + m
         self._trim_pages(core, req)
         self._count(req, m, len(tree) - 1)

@@ -92,3 +92,28 @@ def reference_for(request):
         return _refs[name]
     yield get
     _refs.clear()
+
+
+@pytest.fixture(scope="module")
+def vl_engine(model_dir):
+    """The engine of a module's multimodal model (the module's `model_dir` fixture), float32, its own pool."""
+    from ember import Engine
+    eng = Engine(model_path=str(model_dir), dtype="float32", device=os.environ.get("EMBER_TEST_DEVICE", "auto"),
+                 cpu_kv_cache_gb=0.25)
+    yield eng
+    eng.shutdown()
+
+
+@pytest.fixture(scope="module")
+def engine(engine_for, request):
+    """The engine of the module's NAME (a seed-architecture test module)."""
+    return engine_for(request.module.NAME)
+
+
+@pytest.fixture(scope="module")
+def prompts(engine, request):
+    """The module's TEXT cut to each of its LENGTHS tokens: prompts of mixed lengths."""
+    ids = engine.tokenizer.encode(request.module.TEXT)
+    lengths = request.module.LENGTHS
+    assert len(ids) >= max(lengths)
+    return [ids[:n] for n in lengths]

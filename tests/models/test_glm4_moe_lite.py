@@ -1,12 +1,12 @@
 """GLM-4.7-Flash (glm4_moe_lite) on a tiny hub-layout checkpoint (tests/tiny_glm.py): batching, what the MLA KV pool
 holds, the nextn layer, the stacked expert layout, and `ember serve` with the glm47 / glm45 parsers over real HTTP.
 (Logits and greedy tokens against transformers: tests/models/test_vs_transformers.py, "tiny-glm4-moe-lite".)"""
-import sys
 
 import pytest
 import torch
 
-from tests.models.checks import assert_batched_equals_solo, assert_pools_empty
+from tests.models.checks import (WEATHER_MESSAGES, WEATHER_TOOLS, assert_batched_equals_solo,
+                                 assert_native_generate_matches, assert_pools_empty, served)
 from tests.models.test_vs_transformers import assert_same_greedy
 
 NAME = "tiny-glm4-moe-lite"
@@ -15,18 +15,7 @@ TEXT = "Latent attention keeps one compressed row per token; the experts are cho
 LENGTHS = [2, 5, 11, 18, 27, 40, 61, 90]
 
 
-@pytest.fixture(scope="module")
-def engine(engine_for):
-    return engine_for(NAME)
-
-
-@pytest.fixture(scope="module")
-def prompts(engine):
-    ids = engine.tokenizer.encode(TEXT)
-    assert len(ids) >= max(LENGTHS)
-    return [ids[:n] for n in LENGTHS]
-
-
+# (fixtures `engine` and `prompts` from tests/models/conftest.py: NAME's engine, TEXT cut to LENGTHS tokens)
 def test_batched_prompts_of_different_lengths_equal_solo(engine, prompts, reference_for):
     assert_batched_equals_solo(engine, prompts, reference_for(NAME), GREEDY)
 
@@ -175,24 +164,14 @@ def test_a_missing_checkpoint_tensor_is_named(tiny_glm4_moe_lite_dir):
 # ------------------------------------------------------------------------------ serving (acceptance 6)
 @pytest.fixture(scope="module")
 def server(tiny_glm4_moe_lite_dir):
-    from ember.launch_server import launch_server_cmd, terminate_process, wait_for_server
-    cmd = (f"{sys.executable} -m ember.cli serve --model-path {tiny_glm4_moe_lite_dir} --tool-call-parser glm47 "
-           "--reasoning-parser glm45 --dtype float32 --cpu-kv-cache-gb 0.25 --host 127.0.0.1 --log-level warning")
-    proc, port = launch_server_cmd(cmd)
-    try:
-        wait_for_server(f"http://127.0.0.1:{port}", timeout=600, process=proc)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        terminate_process(proc)
+    with served(tiny_glm4_moe_lite_dir, "--tool-call-parser glm47 --reasoning-parser glm45") as url:
+        yield url
 
 
 def test_served_with_its_parsers_gives_the_engines_tokens(server, engine):
     import openai
-    import requests
     engine.flush_cache()
-    messages = [{"role": "user", "content": "What is the weather in Paris?"}]
-    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {
-        "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}]
+    messages, tools = WEATHER_MESSAGES, WEATHER_TOOLS
     chat_ids = engine.tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=True, tokenize=True,
                                                     return_dict=False)
     want = engine.generate(input_ids=chat_ids, sampling_params=GREEDY)["output_ids"]
@@ -206,11 +185,7 @@ def test_served_with_its_parsers_gives_the_engines_tokens(server, engine):
     assert [e.token for e in r.choices[0].logprobs.content] == [
         engine.tokenizer.decode([t], skip_special_tokens=False) for t in want]
 
-    ids = engine.tokenizer.encode(TEXT)[:40]
-    resp = requests.post(f"{server}/generate", json={"input_ids": ids, "sampling_params": GREEDY}, timeout=300)
-    resp.raise_for_status()
-    engine.flush_cache()
-    assert resp.json()["output_ids"] == engine.generate(input_ids=ids, sampling_params=GREEDY)["output_ids"]
+    assert_native_generate_matches(server, engine, engine.tokenizer.encode(TEXT)[:40], GREEDY)
 
 
 def test_bfloat16_keeps_the_router_in_float32(tiny_glm4_moe_lite_dir):

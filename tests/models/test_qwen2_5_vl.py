@@ -22,15 +22,6 @@ def model_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def engine(model_dir):
-    from ember import Engine
-    eng = Engine(model_path=str(model_dir), dtype="float32", device=os.environ.get("EMBER_TEST_DEVICE", "auto"),
-                 cpu_kv_cache_gb=0.25)
-    yield eng
-    eng.shutdown()
-
-
-@pytest.fixture(scope="module")
 def reference(model_dir):
     from transformers import Qwen2_5_VLForConditionalGeneration
     return Qwen2_5_VLForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32).eval()
@@ -89,20 +80,20 @@ def media_for(case, model_dir):
 
 
 @pytest.mark.parametrize("case", ["one image", "two images", "video"])
-def test_logits_and_16_greedy_tokens_match(case, engine, reference, model_dir):
+def test_logits_and_16_greedy_tokens_match(case, vl_engine, reference, model_dir):
     media = media_for(case, model_dir)
     parts = [{"type": k} for k, _ in media] + [{"type": "text", "text": f"describe the {case}"}]
-    ids = engine.tokenizer.apply_chat_template([{"role": "user", "content": parts}], add_generation_prompt=True,
+    ids = vl_engine.tokenizer.apply_chat_template([{"role": "user", "content": parts}], add_generation_prompt=True,
                                                tokenize=True, return_dict=False)
     ids, mm = expand_prompt(ids, media, reference.config)
     assert all(it.length >= 6 for it in mm.items)  # several 2x2 attention windows per item
     ref = WithMedia(reference, reference.config, media)
     theirs = ref(torch.tensor([ids])).logits[0].float()
-    ours = engine.core.prompt_logits(ids, mm).cpu()
+    ours = vl_engine.core.prompt_logits(ids, mm).cpu()
     assert ours.shape == theirs.shape
     diff = (ours - theirs).abs().max().item()
     assert diff < LOGIT_TOL * max(1.0, theirs.abs().max().item() / 10), f"max abs logit diff {diff}"
-    got, out = run(engine, ids, mm, 16)
+    got, out = run(vl_engine, ids, mm, 16)
     assert out.prompt_tokens == len(ids)
     assert_same_greedy(got, greedy_reference(ref, ids, 16), ref, ids)
 
@@ -112,7 +103,7 @@ def pools_balance(core):
         assert pool["free"] + pool["cached"] == pool["total"], (g, pool)
 
 
-def test_prefix_cache_keys_images_by_content(engine, model_dir):
+def test_prefix_cache_keys_images_by_content(vl_engine, model_dir):
     """The same image again hits the cache through its tokens; another image of the same size (same token
     count, same placeholder ids) stops the match where it starts."""
     pp = json.loads((model_dir / "preprocessor_config.json").read_text())
@@ -120,22 +111,22 @@ def test_prefix_cache_keys_images_by_content(engine, model_dir):
 
     def request(seed):
         media = [("image", image_data(make_image(100, 60, seed), pp))]
-        ids = engine.tokenizer.apply_chat_template([{"role": "user", "content": [{"type": "image"}] + text}],
+        ids = vl_engine.tokenizer.apply_chat_template([{"role": "user", "content": [{"type": "image"}] + text}],
                                                    add_generation_prompt=True, tokenize=True, return_dict=False)
-        return expand_prompt(ids, media, engine.core.hf_config)
-    engine.flush_cache()
+        return expand_prompt(ids, media, vl_engine.core.hf_config)
+    vl_engine.flush_cache()
     ids, mm = request(1)
-    _, first = run(engine, ids, mm, 4)
+    _, first = run(vl_engine, ids, mm, 4)
     ids2, mm2 = request(1)
-    _, again = run(engine, ids2, mm2, 4)
+    _, again = run(vl_engine, ids2, mm2, 4)
     item = mm.items[0]
-    page = engine.core.runner.kv_cache.page_size
+    page = vl_engine.core.runner.kv_cache.page_size
     assert first.cached_tokens == 0 and again.cached_tokens >= (len(ids) - 1) // page * page > item.offset + item.length
     ids3, mm3 = request(2)
     assert ids3 == ids and mm3.items[0].key_id != item.key_id  # same tokens; only the key tells them apart
-    _, other = run(engine, ids3, mm3, 4)
+    _, other = run(vl_engine, ids3, mm3, 4)
     assert other.cached_tokens <= item.offset
-    pools_balance(engine.core)
+    pools_balance(vl_engine.core)
 
 
 def run_together(engine, cases, n):
@@ -153,7 +144,7 @@ def run_together(engine, cases, n):
     return [got[r] for r in rids]
 
 
-def test_chunked_prefill_inside_images_and_batched_encoding(model_dir, engine):
+def test_chunked_prefill_inside_images_and_batched_encoding(model_dir, vl_engine):
     """16-token prefill chunks split the images and the video; three requests (two images, a video, one image)
     run in one batch (their items encoded together): the same greedy tokens as unchunked, one at a time."""
     from ember import Engine
@@ -164,13 +155,13 @@ def test_chunked_prefill_inside_images_and_batched_encoding(model_dir, engine):
         for case in ("two images", "video", "one image"):
             media = media_for(case, model_dir)
             parts = [{"type": k} for k, _ in media] + [{"type": "text", "text": f"describe the {case}"}]
-            ids = engine.tokenizer.apply_chat_template([{"role": "user", "content": parts}], add_generation_prompt=True,
+            ids = vl_engine.tokenizer.apply_chat_template([{"role": "user", "content": parts}], add_generation_prompt=True,
                                                        tokenize=True, return_dict=False)
-            cases.append(expand_prompt(ids, media, engine.core.hf_config))
+            cases.append(expand_prompt(ids, media, vl_engine.core.hf_config))
         assert any(it.offset % 16 + it.length > 16 for _, mm in cases for it in mm.items)  # a chunk splits an item
-        expected = [run(engine, ids, mm, 12)[0] for ids, mm in cases]
-        engine.flush_cache()
-        for eng in (chunked, engine):  # chunked; then all three in one batch of the unchunked engine
+        expected = [run(vl_engine, ids, mm, 12)[0] for ids, mm in cases]
+        vl_engine.flush_cache()
+        for eng in (chunked, vl_engine):  # chunked; then all three in one batch of the unchunked engine
             calls = []
             encode = eng.core.runner.model.encode_items
             eng.core.runner.model.encode_items = lambda items: calls.append(len(items)) or encode(items)

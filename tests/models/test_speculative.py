@@ -217,13 +217,16 @@ def test_json_schema_stop_strings_and_logprobs(case, engine_for, smollm2_dir, re
     assert_pool_empty(engine)
 
 
-@pytest.mark.parametrize("case", ["ngram", "standalone"])
+@pytest.mark.parametrize("case", ["ngram", "standalone", "standalone-tree"])
 def test_w4a8_verify_steps_are_decode_steps(case, engine_for, smollm2_dir):
     """Under w4a8 (what the CPU serves by default) decode steps run fused (kernels/fused_decode.cpp), and so do
-    verify steps, one row per token with a one-token step's arithmetic: speculation gives the logprobs of
-    speculation off bit for bit, not only its greedy tokens (the torch path would round differently)."""
+    verify steps, one row per token with a one-token step's arithmetic (a tree node's row sees the prefix and its
+    ancestors): speculation gives the logprobs of speculation off bit for bit, not only its greedy tokens (the
+    torch path would round differently)."""
     spec = {"speculative_algorithm": "NGRAM"} if case == "ngram" else {
         "speculative_algorithm": "STANDALONE", "speculative_draft_model_path": str(smollm2_dir)}
+    if case == "standalone-tree":
+        spec.update(TREE)
     plain = engine_for("smollm2", quantization="w4a8")
     engine = engine_for("smollm2", quantization="w4a8", **spec)
     assert engine.core.runner.fused_decoder is not None

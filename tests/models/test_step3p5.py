@@ -3,12 +3,12 @@ prefill, the MTP layers, and `ember serve` with the step3p5 parsers over real HT
 (Logits and greedy tokens against transformers: tests/models/test_vs_transformers.py, "tiny-step3p5".)"""
 import json
 import shutil
-import sys
 
 import pytest
 import torch
 
-from tests.models.checks import assert_batched_equals_solo, assert_pools_empty
+from tests.models.checks import (WEATHER_MESSAGES, WEATHER_TOOLS, assert_batched_equals_solo,
+                                 assert_native_generate_matches, assert_pools_empty, served)
 from tests.models.test_vs_transformers import assert_same_greedy, hf_greedy
 from tests.step3p5_hub import WINDOW
 
@@ -18,18 +18,7 @@ TEXT = ("Sliding windows forget what is far behind them; the full layers remembe
 LENGTHS = [3, 9, 15, 17, 26, 38, 55, 80]  # shorter and longer than the 16-token window
 
 
-@pytest.fixture(scope="module")
-def engine(engine_for):
-    return engine_for(NAME)
-
-
-@pytest.fixture(scope="module")
-def prompts(engine):
-    ids = engine.tokenizer.encode(TEXT)
-    assert len(ids) >= max(LENGTHS)
-    return [ids[:n] for n in LENGTHS]
-
-
+# (fixtures `engine` and `prompts` from tests/models/conftest.py: NAME's engine, TEXT cut to LENGTHS tokens)
 def test_batched_prompts_of_different_lengths_equal_solo(engine, prompts, reference_for):
     assert_batched_equals_solo(engine, prompts, reference_for(NAME), GREEDY)
 
@@ -149,24 +138,14 @@ def test_router_bias_stays_float32_in_a_bfloat16_model(tiny_step3p5_dir):
 # ------------------------------------------------------------------------------ serving (acceptance 6)
 @pytest.fixture(scope="module")
 def server(tiny_step3p5_dir):
-    from ember.launch_server import launch_server_cmd, terminate_process, wait_for_server
-    cmd = (f"{sys.executable} -m ember.cli serve --model-path {tiny_step3p5_dir} --tool-call-parser step3p5 "
-           "--reasoning-parser step3p5 --dtype float32 --cpu-kv-cache-gb 0.25 --host 127.0.0.1 --log-level warning")
-    proc, port = launch_server_cmd(cmd)
-    try:
-        wait_for_server(f"http://127.0.0.1:{port}", timeout=600, process=proc)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        terminate_process(proc)
+    with served(tiny_step3p5_dir, "--tool-call-parser step3p5 --reasoning-parser step3p5") as url:
+        yield url
 
 
 def test_served_with_its_parsers_gives_the_engines_tokens(server, engine):
     import openai
-    import requests
     engine.flush_cache()
-    messages = [{"role": "user", "content": "What is the weather in Paris?"}]
-    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {
-        "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}]
+    messages, tools = WEATHER_MESSAGES, WEATHER_TOOLS
     chat_ids = engine.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
                                                     return_dict=False)
     want = engine.generate(input_ids=chat_ids, sampling_params=GREEDY)
@@ -181,8 +160,4 @@ def test_served_with_its_parsers_gives_the_engines_tokens(server, engine):
     assert text == want["text"]
     assert not msg.tool_calls
 
-    ids = engine.tokenizer.encode(TEXT)[:40]
-    resp = requests.post(f"{server}/generate", json={"input_ids": ids, "sampling_params": GREEDY}, timeout=300)
-    resp.raise_for_status()
-    engine.flush_cache()
-    assert resp.json()["output_ids"] == engine.generate(input_ids=ids, sampling_params=GREEDY)["output_ids"]
+    assert_native_generate_matches(server, engine, engine.tokenizer.encode(TEXT)[:40], GREEDY)

@@ -21,15 +21,6 @@ def model_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def engine(model_dir):
-    from ember import Engine
-    eng = Engine(model_path=str(model_dir), dtype="float32", device=os.environ.get("EMBER_TEST_DEVICE", "auto"),
-                 cpu_kv_cache_gb=0.25)
-    yield eng
-    eng.shutdown()
-
-
-@pytest.fixture(scope="module")
 def reference(model_dir):
     return step3p7_reference(model_dir)
 
@@ -52,28 +43,28 @@ class WithImages:
 
 
 @pytest.mark.parametrize("case", ["one image", "two images"])
-def test_logits_and_16_greedy_tokens_match(case, engine, reference, model_dir):
+def test_logits_and_16_greedy_tokens_match(case, vl_engine, reference, model_dir):
     pp = json.loads((model_dir / "preprocessor_config.json").read_text())
     media = [("image", image_data(make_image(300, 200, 1), pp))]
     if case == "two images":
         media.append(("image", image_data(make_image(100, 80, 2), pp)))
     assert int(media[0][1]["num_local_patches"]) == 6 and media[0][1]["patch_newline_mask"].any()
     parts = [{"type": "image"} for _ in media] + [{"type": "text", "text": f"describe the {case}"}]
-    ids = engine.tokenizer.apply_chat_template([{"role": "user", "content": parts}], add_generation_prompt=True,
+    ids = vl_engine.tokenizer.apply_chat_template([{"role": "user", "content": parts}], add_generation_prompt=True,
                                                tokenize=True, return_dict=False)
-    ids, mm = expand_prompt(ids, media, engine.tokenizer, pp)
+    ids, mm = expand_prompt(ids, media, vl_engine.tokenizer, pp)
     ref = WithImages(reference, media)
     theirs = ref(torch.tensor([ids])).logits[0].float()
-    ours = engine.core.prompt_logits(ids, mm).cpu()
+    ours = vl_engine.core.prompt_logits(ids, mm).cpu()
     assert ours.shape == theirs.shape
     diff = (ours - theirs).abs().max().item()
     assert diff < LOGIT_TOL * max(1.0, theirs.abs().max().item() / 10), f"max abs logit diff {diff}"
-    got, out = run(engine, ids, mm, 16)
+    got, out = run(vl_engine, ids, mm, 16)
     assert out.prompt_tokens == len(ids)
     assert_same_greedy(got, hf_greedy(ref, ids, 16), ref, ids)
 
 
-def test_stepfun_checkpoint_layout(model_dir, engine, tmp_path):
+def test_stepfun_checkpoint_layout(model_dir, vl_engine, tmp_path):
     """stepfun's own names (vision_model.transformer.resblocks.*, fused interleaved in_proj, vit_large_projector):
     transformers' loader reads them back to the same weights, and ember serves the same logits from them."""
     from transformers.models.step3p7 import Step3p7ForConditionalGeneration
@@ -87,14 +78,14 @@ def test_stepfun_checkpoint_layout(model_dir, engine, tmp_path):
     assert vision and all(torch.equal(theirs[k], ref[k]) for k in vision)
     pp = json.loads((model_dir / "preprocessor_config.json").read_text())
     media = [("image", image_data(make_image(300, 200, 1), pp))]
-    ids = engine.tokenizer.apply_chat_template([{"role": "user", "content": [{"type": "image"}]}],
+    ids = vl_engine.tokenizer.apply_chat_template([{"role": "user", "content": [{"type": "image"}]}],
                                                add_generation_prompt=True, tokenize=True, return_dict=False)
-    ids, mm = expand_prompt(ids, media, engine.tokenizer, pp)
+    ids, mm = expand_prompt(ids, media, vl_engine.tokenizer, pp)
     other = Engine(model_path=str(hub), dtype="float32", device=os.environ.get("EMBER_TEST_DEVICE", "auto"),
                    cpu_kv_cache_gb=0.25)
     try:
-        # (each its own copy: an item keeps the embeddings its engine computed)
+        # (each its own copy: an item keeps the embeddings its vl_engine computed)
         assert torch.equal(other.core.prompt_logits(ids, copy.deepcopy(mm)),
-                           engine.core.prompt_logits(ids, copy.deepcopy(mm)))
+                           vl_engine.core.prompt_logits(ids, copy.deepcopy(mm)))
     finally:
         other.shutdown()

@@ -82,6 +82,23 @@ def test_tp2_moe_matches_tp1(name, ep, request, engine_for, reference_for):
     check_same_as_tp1(name, tp2, engine_for, reference_for)
 
 
+@pytest.mark.parametrize("spec", [{"speculative_algorithm": "NGRAM"},
+                                  {"speculative_algorithm": "STANDALONE", "speculative_num_steps": 3,
+                                   "speculative_eagle_topk": 2, "speculative_num_draft_tokens": 6}],
+                         ids=["ngram", "standalone-tree"])
+def test_tp2_speculative_gives_the_tokens_of_tp1(spec, request, engine_for, reference_for, tiny_qwen3_dir):
+    """NGRAM and a STANDALONE draft model (here a tree, verified under its tree mask on every rank) at tp 2: the
+    drafts ride in the target's steps, which every rank runs; the draft model is one whole copy on rank 0."""
+    name = "tiny-qwen3"
+    if spec["speculative_algorithm"] == "STANDALONE":
+        spec = {**spec, "speculative_draft_model_path": str(tiny_qwen3_dir)}
+    tp2 = tp_engine(request, name, tp_size=2, **spec)
+    assert tp2.core.spec is not None
+    check_same_as_tp1(name, tp2, engine_for, reference_for)
+    stats = tp2.core.stats()["speculative"]
+    assert stats["draft_tokens"] > 0 and stats["avg_accept_length"] > 1.2, stats
+
+
 def test_tp2_quantized_keeps_the_collectives(request, engine_for):
     """--quantization replaces the parallel linears: the row-parallel ones must still all-reduce (bias once) and
     the lm_head still gather the vocabulary. int8 scales are per output row of each shard, so tp=2 is not

@@ -6,26 +6,11 @@ import numpy as np
 import pytest
 
 from ember.multimodal.processing import qwen2vl_images, qwen2vl_video, smart_resize, step3p7_image
+from tests.tiny_vl import make_image
 
 # copies of ../shared/fixtures (transformers' outputs where torchvision imports; README.md there says how they were
 # made), kept in the repository so CI's clean clone has them
 FIXTURES = Path(__file__).resolve().parents[1] / "data" / "processor_fixtures"
-
-
-def fixture_image(w, h, seed):
-    """Copied from make_step3p7_processor_fixture.py: rebuilds its inputs exactly."""
-    from PIL import Image, ImageDraw
-    y, x = np.mgrid[0:h, 0:w]
-    arr = np.stack([(x * 255 // max(w - 1, 1)), (y * 255 // max(h - 1, 1)), ((x + y) * 127 // max(w + h - 2, 1))],
-                   axis=-1).astype(np.uint8)
-    im = Image.fromarray(arr, "RGB")
-    rng = np.random.RandomState(seed)
-    d = ImageDraw.Draw(im)
-    for _ in range(6):
-        x0, y0 = int(rng.randint(0, w)), int(rng.randint(0, h))
-        x1, y1 = x0 + int(rng.randint(4, max(5, w // 3))), y0 + int(rng.randint(4, max(5, h // 3)))
-        d.rectangle([x0, y0, x1, y1], fill=tuple(int(c) for c in rng.randint(0, 256, 3)))
-    return im
 
 
 @pytest.mark.parametrize("index", range(5))
@@ -33,7 +18,7 @@ def test_step3p7_image_matches_transformers(index):
     meta = json.loads((FIXTURES / "step3p7_processor_reference.json").read_text())["images"][index]
     ref = np.load(FIXTURES / "step3p7_processor_reference.npz")
     w, h, tag = meta["w"], meta["h"], f"{meta['w']}x{meta['h']}"
-    ours = step3p7_image(np.asarray(fixture_image(w, h, meta["seed"])))
+    ours = step3p7_image(make_image(w, h, meta["seed"]))
     outs = meta["outputs"]
     assert [ours["num_local_patches"]] == outs["num_local_patches"]["value"]
     if "patch_newline_masks" in outs:
@@ -63,7 +48,7 @@ def test_qwen2vl_video_matches_transformers():
 
 
 def test_qwen2vl_images_use_transformers_pillow_processor():
-    img = np.asarray(fixture_image(100, 60, 0))
+    img = make_image(100, 60, 0)
     out = qwen2vl_images([img], {"min_pixels": 56 * 56, "max_pixels": 112 * 112})
     h, w = smart_resize(60, 100, 28, 56 * 56, 112 * 112)
     assert out["image_grid_thw"].tolist() == [[1, h // 14, w // 14]]
