@@ -99,11 +99,14 @@ def load_variant(variant: str) -> str:
         here = Path(__file__).parent
         sources = [here / "vnni_gemm.cpp", here / "fused_decode.cpp", here / "moe_experts.cpp"]
         # the name keys the cache: a changed source or header, or another variant, builds anew
-        digest = hashlib.sha1(b"".join(p.read_bytes() for p in [*sources, here / "group_gemm.h"])).hexdigest()[:8]
+        # -fopenmp: at::parallel_for is inline code that runs serially unless the extension itself is compiled with
+        # OpenMP (its GOMP calls then bind to the libgomp torch already loaded): without it every kernel ran on one core
+        cflags = ["-O3", "-fopenmp", *VARIANT_FLAGS[variant], f"-DEMBER_NS={ns}"]
+        digest = hashlib.sha1(b"".join(p.read_bytes() for p in [*sources, here / "group_gemm.h"])
+                              + " ".join(cflags).encode()).hexdigest()[:8]
         name = f"ember_kernels_{variant}_{ns}_{digest}"
         try:
-            cpp_extension.load(name=name, sources=[str(p) for p in sources],
-                               extra_cflags=["-O3", *VARIANT_FLAGS[variant], f"-DEMBER_NS={ns}"],
+            cpp_extension.load(name=name, sources=[str(p) for p in sources], extra_cflags=cflags,
                                extra_include_paths=[str(here)], is_python_module=False, verbose=False)
         except Exception as exc:  # noqa: BLE001 - surface the build failure with the reason
             raise RuntimeError(f"building the group-quantized CPU kernel failed (needs g++ and ninja): {exc}") from exc
