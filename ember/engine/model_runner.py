@@ -30,6 +30,7 @@ class ForwardBatch:
     mm: object = None  # images/video: ember.multimodal.engine_glue.BatchMultimodal
     attn_backend: AttentionBackend | None = None  # runs every attention layer on `attn`
     trees: list | None = None  # per request its speculative draft tree (ember/speculative/tree.py TreeSpec) or None
+    fused: bool = False  # run by the fused decode step (ModelRunner.forward decides: FusedDecoder.takes)
 
 
 def load_model(model_dir, hf_config, dtype: torch.dtype, device: str, quantization: str | None = None):
@@ -156,20 +157,18 @@ class ModelRunner:
                     cache.index_copy_(0, dst, cache.index_select(0, src))
 
     def _logits(self, batch: ForwardBatch) -> torch.Tensor:
-        """The model on one batch: logits at batch.logit_index (decode batches fused where that applies)."""
-        if self.fused_decoder is not None and self.fused_decoder.applies_to(batch):
+        """The model on one batch: logits at batch.logit_index (by the fused decode step where forward chose it)."""
+        if batch.fused:
             with torch.inference_mode():
                 return self.model.compute_logits(self.fused_decoder(batch).index_select(0, batch.logit_index))
         return self.model(batch)
 
-    def _split_forward(self, reqs, extend_lens, full_rows):
-        """A step mixing requests the fused step takes (decode, speculative verify: at most FusedDecoder.MAX_ROWS
-        tokens) with longer prefill chunks, when decode steps run fused: the former go through the fused step as in
-        a batch of their own, the rest through the torch path, so a request's tokens do not depend on whether
-        another request was prefilling beside it (the two paths round differently). As SGLang, which by default
-        does not mix prefill into decode batches either."""
-        fused = self.fused_decoder.MAX_ROWS
-        parts = [[i for i, n in enumerate(extend_lens) if n <= fused], [i for i, n in enumerate(extend_lens) if n > fused]]
+    def _split_forward(self, reqs, extend_lens, full_rows, fusable):
+        """A step mixing requests the fused step takes (decode, speculative verify) with prefill chunks, when decode
+        steps run fused: the former go through the fused step as in a batch of their own, the rest through the
+        torch path, so a request's tokens do not depend on whether another request was prefilling beside it (the
+        two paths round differently). As SGLang, which by default does not mix prefill into decode batches either."""
+        parts = [[i for i, f in enumerate(fusable) if f], [i for i, f in enumerate(fusable) if not f]]
         outs = [self.forward([reqs[i] for i in idx], [extend_lens[i] for i in idx],
                              full_rows=None if full_rows is None else [full_rows[i] for i in idx]) for idx in parts]
         wants_rows = full_rows is not None and any(full_rows)
@@ -187,10 +186,11 @@ class ModelRunner:
         all_positions: logits at every token instead, [T, vocab].
         full_rows: per request, whether it also wants logits at all of its scheduled tokens (prompt logprobs);
         then returns (last [B, vocab], {i: [n_i, vocab]})."""
-        if (self.fused_decoder is not None and not all_positions
-                and min(extend_lens) <= self.fused_decoder.MAX_ROWS < max(extend_lens)):
-            return self._split_forward(reqs, extend_lens, full_rows)
+        fusable = [self.fused_decoder is not None and self.fused_decoder.takes(r, n) for r, n in zip(reqs, extend_lens)]
+        if not all_positions and any(fusable) and not all(fusable):
+            return self._split_forward(reqs, extend_lens, full_rows, fusable)
         batch = self.build_batch(reqs, extend_lens)
+        batch.fused = all(fusable) and self.fused_decoder.applies_to(batch)
         if all_positions:
             batch.logit_index = torch.arange(batch.input_ids.shape[0], device=self.device)
             return self._logits(batch)

@@ -339,6 +339,13 @@ at::Tensor group_gemm_reference(const at::Tensor& x, const at::Tensor& qweight, 
 
 bool has_vnni_kernel() { return EMBER_VNNI; }
 
+// How many threads at::parallel_for runs a 2+-way split on here (1 when the build lacks OpenMP: then it is serial).
+int64_t parallel_threads() {
+  std::atomic<int64_t> calls{0};
+  at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) { calls.fetch_add(1); });
+  return calls.load();
+}
+
 std::string kernel_isa() { return EMBER_VNNI ? "avx512" : EMBER_AVXVNNI ? "avxvnni" : EMBER_AVX2 ? "avx2" : "portable"; }
 
 }  // namespace
@@ -348,6 +355,7 @@ TORCH_LIBRARY_FRAGMENT(EMBER_NS, m) {
   m.def("group_gemm(Tensor x, Tensor qweight, Tensor dw, Tensor mw, int bits, int n) -> Tensor");
   m.def("group_gemm_reference(Tensor x, Tensor qweight, Tensor dw, Tensor mw, int bits, int n) -> Tensor");
   m.def("has_vnni_kernel", &EMBER_NS::has_vnni_kernel);
+  m.def("parallel_threads", &EMBER_NS::parallel_threads);
   m.def("kernel_isa", &EMBER_NS::kernel_isa);
 }
 

@@ -8,11 +8,11 @@ so a decode step is: embedding lookup (torch), every layer and the final norm (C
 It covers what the Llama decoder layer does (Llama, Mistral, Qwen2, Qwen3: RMSNorm, q/k/v with optional
 bias, optional per-head q/k norms, rotate-half RoPE from the model's own tables, full attention, SiLU-gated
 MLP) when every linear is a `GroupQuantLinear`; anything else (other architectures, sliding windows, other
-quantizations, GPU) keeps the torch path. A request bringing up to `MAX_ROWS` tokens (a speculative verify of
-its last token and the drafts after it, a short prefill chunk) runs here too, one row per token, each row
-attending to its request's keys up to its own position: a row's arithmetic is that of a one-token decode
-step, so verified tokens are the tokens speculation-off decoding gives (draft trees too: a node's row sees the
-prefix and its ancestors). Longer prefill chunks and images take the torch path.
+quantizations, GPU) keeps the torch path. A speculative verify (a request's last sampled token and up to
+`MAX_ROWS` - 1 drafts) runs here too, one row per token, each row attending to its request's keys up to its own
+position: a row's arithmetic is that of a one-token decode step, so verified tokens are the tokens
+speculation-off decoding gives (draft trees too: a node's row sees the prefix and its ancestors). Prompt tokens
+and images take the torch path (`FusedDecoder.takes`).
 """
 from __future__ import annotations
 
@@ -109,8 +109,17 @@ class FusedDecoder:
         self.kernel_ns = ns
 
     @classmethod
+    def takes(cls, req, n: int) -> bool:
+        """Whether a request's `n` new tokens run here: one token (decode), or up to MAX_ROWS tokens of which only the
+        first may be a prompt token (a speculative verify: the last known token and the drafts after it; as one
+        token alone, that first token would run here too). Longer runs of prompt tokens always take the torch path,
+        so a prompt is computed the same way whether the prefix cache held part of it or not (requests without a
+        prompt, a draft model's, may bring any short run)."""
+        return n == 1 or (n <= cls.MAX_ROWS and req.kv_len + 1 >= len(getattr(req, "prompt_ids", ())))
+
+    @classmethod
     def applies_to(cls, batch) -> bool:
-        """Every request brings at most MAX_ROWS tokens, text only."""
+        """What the fused step can run: at most MAX_ROWS tokens per request, text only."""
         return batch.attn["full"].max_q <= cls.MAX_ROWS and batch.mm is None
 
     @torch.inference_mode()

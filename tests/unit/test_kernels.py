@@ -83,3 +83,19 @@ def test_variant_selection_follows_the_cpu_flags():
     assert kernels.supported_variants(zen4) == ["avx512", "avx2", "portable"]
     assert kernels.supported_variants(zen4 - {"avx512_vnni"})[0] == "avx2"  # Skylake-SP: AVX-512 without VNNI
     assert getattr(torch.ops, kernels.load_group_gemm()).kernel_isa() == kernels.default_variant()
+
+
+@pytest.mark.parametrize("variant", SIMD + ["portable"])
+def test_kernels_run_on_every_thread(variant):
+    """The kernels split work with at::parallel_for, which runs serially in an extension compiled without OpenMP
+    (every kernel then used one core: the eighth session found and fixed it)."""
+    import os
+    ops = _ops(variant)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        if len(os.sched_getaffinity(0)) < 2:
+            pytest.skip("one CPU here")
+        assert ops.parallel_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
