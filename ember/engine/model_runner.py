@@ -150,10 +150,11 @@ class ModelRunner:
     def move_kv(self, moves: dict) -> None:
         """Copy KV rows between pool slots in every layer: per KV group (destination slots, source slots), all
         sources read before any is written (a speculative tree's kept path moved into place)."""
+        slots = {g: tuple(torch.tensor(s, device=self.device) for s in pair) for g, pair in moves.items()}
         for layer, g in self.kv_cache.layer_group.items():
-            if g in moves:
+            if g in slots:
+                dst, src = slots[g]
                 for cache in self.kv_cache.layer(layer):
-                    dst, src = (torch.tensor(s, device=cache.device) for s in moves[g])
                     cache.index_copy_(0, dst, cache.index_select(0, src))
 
     def _logits(self, batch: ForwardBatch) -> torch.Tensor:
