@@ -173,6 +173,33 @@ def test_seeded_sampling_draws_the_tokens_of_speculation_off(engine_for, tiny_qw
         assert spec.core.stats()["speculative"]["draft_tokens"] > n
 
 
+def test_sampled_distribution_matches_speculation_off(engine_for, tiny_qwen3_dir):
+    """Acceptance 2: on the tiny model (vocabulary 260; its random logits are flat, so temperature 0.06 gives
+    peaked but spread distributions), 20,000 seeded samples of the first 4 tokens with a STANDALONE draft (the
+    model's own argmax: about a quarter of the drafts accepted) and 20,000 without speculation, on disjoint seeds
+    (independent samples), come from one distribution (chi-square, p > 0.01) at every position and for consecutive
+    pairs. Checked to fail when a mismatching draft is accepted for one token in five."""
+    from tests.unit.test_spec_verify import homogeneity_p
+    n, chunk = 20_000, 1_000
+    sp = {"temperature": 0.06, "max_new_tokens": 4, "ignore_eos": True}
+    big = {"max_running_requests": chunk, "chunked_prefill_size": 8192}
+    plain = engine_for("tiny-qwen3", **big)
+    spec = engine_for("tiny-qwen3", **big, speculative_algorithm="STANDALONE", speculative_draft_model_path=str(tiny_qwen3_dir))
+
+    def sample(engine, seed0):
+        return [tuple(o["output_ids"]) for k in range(0, n, chunk)
+                for o in engine.generate(["ab"] * chunk, [{**sp, "seed": seed0 + k + i} for i in range(chunk)])]
+    on, off = sample(spec, 0), sample(plain, n)
+    stats = spec.core.stats()["speculative"]
+    accepted = stats["accepted_tokens"] - stats["verify_ct"]  # (accepted_tokens counts each verify's own token too)
+    assert 0.05 * stats["draft_tokens"] < accepted < 0.95 * stats["draft_tokens"], stats  # many of each
+    assert len(set(on[:200])) > 150  # a spread distribution, not a few likely sequences
+    for pos in range(4):
+        assert homogeneity_p([s[pos] for s in on], [s[pos] for s in off]) > 0.01, pos
+    for pos in range(3):  # and consecutive pairs
+        assert homogeneity_p([s[pos:pos + 2] for s in on], [s[pos:pos + 2] for s in off]) > 0.01, pos
+
+
 @pytest.mark.parametrize("case", ["ngram", "standalone-self", "standalone-tree"])
 def test_json_schema_stop_strings_and_logprobs(case, engine_for, smollm2_dir, request):
     import jsonschema  # the test extra has it: missing fails, never skips

@@ -71,9 +71,32 @@ def _gof_p(samples, probs: dict) -> float:
         obs.append(rest_o)
         exp.append(rest_e)
     obs, exp = torch.tensor(obs, dtype=torch.float64), torch.tensor(exp, dtype=torch.float64)
-    stat = float(((obs - exp) ** 2 / exp).sum())
-    return float(torch.special.gammaincc(torch.tensor((len(exp) - 1) / 2, dtype=torch.float64),
+    return chi2_sf(float(((obs - exp) ** 2 / exp).sum()), len(exp) - 1)
+
+
+def chi2_sf(stat: float, dof: int) -> float:
+    """P(chi-square with `dof` degrees of freedom >= stat)."""
+    return float(torch.special.gammaincc(torch.tensor(dof / 2, dtype=torch.float64),
                                          torch.tensor(stat / 2, dtype=torch.float64)))
+
+
+def homogeneity_p(a: list, b: list) -> float:
+    """Chi-square test that two equally large samples come from one distribution (categories whose expected count
+    is < 10 pooled)."""
+    from collections import Counter
+    assert len(a) == len(b)
+    ca, cb = Counter(a), Counter(b)
+    cells, rest = [], [0, 0]
+    for cat in set(ca) | set(cb):
+        if ca[cat] + cb[cat] >= 20:
+            cells.append((ca[cat], cb[cat]))
+        else:
+            rest[0] += ca[cat]
+            rest[1] += cb[cat]
+    if sum(rest) > 0:
+        cells.append(tuple(rest))
+    stat = sum((x - (x + y) / 2) ** 2 / ((x + y) / 2) * 2 for x, y in cells)
+    return chi2_sf(stat, len(cells) - 1)
 
 
 def _exact():
