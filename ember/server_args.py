@@ -55,6 +55,7 @@ class ServerArgs:
     speculative_ngram_min_match_window_size: int = 1
     speculative_ngram_max_match_window_size: int = 12
     speculative_ngram_max_bfs_breadth: int = 1  # SGLang's default is 10; 1 keeps ember's NGRAM a chain
+    speculative_draft_min_confidence: float = 0.0  # STANDALONE: stop drafting after a token the draft is unsure of
     quantization: str | None = None  # none | int8 | int4 | w8a8_int8 | w4a8: CPU only; None: chosen (engine/cpu_default_path.py)
     disable_fused_decode: bool = False  # w4a8 Llama/Qwen2 decode steps: the torch path instead of the fused C++ one
     # "model": sampling fields a request leaves unset come from the model's generation_config.json
@@ -160,6 +161,9 @@ HELP: dict[str, str] = {
     "speculative_ngram_max_match_window_size": "NGRAM: longest suffix matched in the request's own tokens.",
     "speculative_ngram_max_bfs_breadth": "NGRAM: > 1 merges the continuations of several matches into a tree with at "
                                          "most this many children per node (default 1: the best match's chain).",
+    "speculative_draft_min_confidence": "STANDALONE: a draft step whose top token has a probability below this is "
+                                        "the last of its chain (as transformers' assistant_confidence_threshold; "
+                                        "default 0: always --speculative-num-steps drafts, as SGLang).",
     "enable_multi_layer_eagle": "EAGLE on MTP layers: draft step i runs MTP layer i (Step-3.5's three), fed by step i-1.",
     "quantization": "CPU quantization: int8 or int4 (weight-only), w8a8_int8 (int8 weights and activations, "
                     "fastest for batched decode), w4a8 (4-bit group weights x int8 activations on ember's "

@@ -18,6 +18,7 @@ class SpecConfig:
     multi_layer: bool = False  # EAGLE on MTP layers: step i runs layer i (else layer 0 for every step)
     ngram_min_window: int = 1
     ngram_max_window: int = 12
+    draft_min_confidence: float = 0.0  # STANDALONE chains: a draft step whose top probability is below it is the last
 
     @property
     def max_drafts(self) -> int:
@@ -71,6 +72,9 @@ def resolve(args) -> tuple[SpecConfig | None, list[str]]:
         errors.append(f"--speculative-num-draft-tokens {ndraft} exceeds the tree's candidates plus the root "
                       f"({topk + (steps - 1) * topk * topk + 1} with {steps} steps and topk {topk})")
     lo, hi = args.speculative_ngram_min_match_window_size, args.speculative_ngram_max_match_window_size
+    conf = args.speculative_draft_min_confidence
+    if not 0.0 <= conf < 1.0:
+        errors.append(f"--speculative-draft-min-confidence must be in [0, 1), got {conf}")
     if not 1 <= lo <= hi:
         errors.append(f"--speculative-ngram-min/max-match-window-size need 1 <= min <= max, got {lo}, {hi}")
     if errors:
@@ -78,4 +82,4 @@ def resolve(args) -> tuple[SpecConfig | None, list[str]]:
     if args.tp_size != 1 and algo == "EAGLE":  # (the seeds pass EAGLE with --tp-size 4 / 8: make_runner in
         return None, []  # ember/distributed/driver.py warns and serves without it)
     return SpecConfig(algo, steps, topk, ndraft, args.speculative_draft_model_path,
-                      bool(args.enable_multi_layer_eagle), lo, hi), []
+                      bool(args.enable_multi_layer_eagle), lo, hi, conf), []

@@ -53,6 +53,7 @@ class DraftModelDrafter:
         self.vocab = min(core.vocab_size, self.runner.config.vocab_size)  # drafts the target can verify
         self.steps = cfg.max_drafts
         self.topk = cfg.topk
+        self.min_confidence = cfg.draft_min_confidence
         self.page_size = self.runner.kv_cache.page_size
         self.allocators = self.runner.kv_cache.allocators
         self.states: dict[str, _State] = {}
@@ -89,6 +90,7 @@ class DraftModelDrafter:
         if not live:
             return out
         lens = [len(e) - s.kv_len for e, s in zip(ext, shims)]
+        caps = list(caps)
         k = max(caps[i] for i in live)
         with torch.inference_mode():
             for step in range(k):
@@ -96,12 +98,14 @@ class DraftModelDrafter:
                 if not active:
                     break
                 logits = self.runner.forward([shims[j] for j in active], [lens[j] for j in active])
-                toks = logits[:, :self.vocab].argmax(dim=-1).tolist()
-                for j, t in zip(active, toks):
+                conf, toks = logits[:, :self.vocab].float().softmax(-1).max(dim=-1)
+                for j, t, p in zip(active, toks.tolist(), conf.tolist()):
                     shims[j].kv_len += lens[j]
                     lens[j] = 1
                     ext[j].append(t)
                     out[live[j]].append(t)
+                    if p < self.min_confidence:  # likely rejected: the drafts after it even more so
+                        caps[live[j]] = step + 1
         for j, i in enumerate(live):
             st = self.states[reqs[i].rid]
             st.written = shims[j].kv_len  # rows < written hold ext[:written]; kept ones are cut in update

@@ -173,6 +173,22 @@ def test_seeded_sampling_draws_the_tokens_of_speculation_off(engine_for, tiny_qw
         assert spec.core.stats()["speculative"]["draft_tokens"] > n
 
 
+def test_draft_min_confidence_ends_chains_early(engine_for, tiny_qwen3_dir):
+    """--speculative-draft-min-confidence: the tiny model's own drafts are never confident (flat random logits, top
+    probability < 0.01), so at 0.5 every chain stops after its first draft, at 0 it runs all 3 steps; the tokens
+    are those of speculation off either way."""
+    greedy = {"temperature": 0, "max_new_tokens": 12, "ignore_eos": True}
+    want = engine_for("tiny-qwen3").generate(PROMPTS[:4], greedy)
+    per_verify = {}
+    for conf in (0.0, 0.5):
+        spec = engine_for("tiny-qwen3", speculative_algorithm="STANDALONE", speculative_draft_min_confidence=conf,
+                          speculative_draft_model_path=str(tiny_qwen3_dir))
+        assert [o["output_ids"] for o in spec.generate(PROMPTS[:4], greedy)] == [o["output_ids"] for o in want]
+        stats = spec.core.stats()["speculative"]
+        per_verify[conf] = stats["draft_tokens"] / stats["verify_ct"]
+    assert per_verify[0.5] <= 1.0 and per_verify[0.0] > 2.0, per_verify  # (a verify near max_tokens drafts less)
+
+
 def test_sampled_distribution_matches_speculation_off(engine_for, tiny_qwen3_dir):
     """Acceptance 2: on the tiny model (vocabulary 260; its random logits are flat, so temperature 0.06 gives
     peaked but spread distributions), 20,000 seeded samples of the first 4 tokens with a STANDALONE draft (the
