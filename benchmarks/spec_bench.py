@@ -28,6 +28,9 @@ SETTINGS = {
     "off": {},
     "standalone": {"speculative_algorithm": "STANDALONE", "speculative_draft_model_path": "qwen2.5-coder-0.5b"},
     "ngram": {"speculative_algorithm": "NGRAM"},
+    # the chain cut after a draft whose top probability is < 0.4 (transformers' assistant_confidence_threshold)
+    "standalone-conf": {"speculative_algorithm": "STANDALONE", "speculative_draft_model_path": "qwen2.5-coder-0.5b",
+                        "speculative_draft_min_confidence": 0.4},
     # a draft tree: the root and the 5 best of 2 + 4 + 4 candidates, verified under a tree attention mask
     "standalone-tree": {"speculative_algorithm": "STANDALONE", "speculative_draft_model_path": "qwen2.5-coder-0.5b",
                         "speculative_num_steps": 3, "speculative_eagle_topk": 2, "speculative_num_draft_tokens": 6},
