@@ -300,9 +300,7 @@ class DecodeStack : public torch::CustomClassHolder {
         std::copy(row + H * D, row + (H + Hkv) * D, layer.k_cache + wp[b] * Hkv * D);
         std::copy(row + (H + Hkv) * D, row + qkv_n, layer.v_cache + wp[b] * Hkv * D);
       }
-      int64_t attn_work = 0;  // multiply-adds of this layer's attention (scores and values)
-      for (int64_t b = 0; b < B; ++b) attn_work += 2 * lp[b] * H * D;
-      const auto attend = [&](int64_t t0, int64_t t1) {
+      at::parallel_for(0, B * H, 1, [&](int64_t t0, int64_t t1) {
         for (int64_t t = t0; t < t1; ++t) {
           const int64_t b = t / H, head = t % H, g = head / (H / Hkv), n = lp[b];
           const float* q = qp + b * qkv_n + head * D;
@@ -318,9 +316,7 @@ class DecodeStack : public torch::CustomClassHolder {
           std::fill(out, out + D, 0.f);
           for (int64_t j = 0; j < n; ++j) axpy(out, sc[j] * inv, layer.v_cache + (row_slots[j] * Hkv + g) * D, D);
         }
-      };
-      if (attn_work < 2 * kSerialWork) attend(0, B * H);  // (attention reads the KV rows: fewer bytes per MAC)
-      else at::parallel_for(0, B * H, 1, attend);
+      });
       gemm(ap, layer.o, tp);
       add_into_x(tp);
       for (int64_t b = 0; b < B; ++b) rms_norm(xp + b * hidden_, layer.post_norm, hp + b * hidden_, hidden_, eps_);

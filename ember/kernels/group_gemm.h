@@ -14,10 +14,6 @@
 namespace EMBER_NS {
 
 constexpr int64_t kGroup = 32;  // inputs per quantization group
-// Below this many multiply-adds a kernel call runs on the calling thread: waking the other OpenMP threads and
-// joining them costs ~65 us here under OMP_WAIT_POLICY=PASSIVE (Xeon VM), more than a 1M-MAC GEMM takes on one
-// core (17 us). Above it, the second core's memory bandwidth wins.
-constexpr int64_t kSerialWork = int64_t{1} << 21;
 
 // A weight [n, k] in the tile layout of vnni_gemm.cpp (4 or 8 bits per code, fp16 scale and offset).
 struct GroupWeight {

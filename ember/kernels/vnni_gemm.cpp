@@ -286,7 +286,7 @@ void group_gemm_rows(const float* x, int64_t M, const GroupWeight& w, float* y, 
   const int64_t chunk = std::clamp<int64_t>(w.tiles / (8 * nthreads), 1, 16);
   const int64_t nchunks = (w.tiles + chunk - 1) / chunk;
   std::atomic<int64_t> next{0};
-  const auto work = [&](int64_t, int64_t) {
+  at::parallel_for(0, nthreads, 1, [&](int64_t, int64_t) {
     for (int64_t c; (c = next.fetch_add(1, std::memory_order_relaxed)) < nchunks;) {
       for (int64_t t = c * chunk; t < std::min(w.tiles, (c + 1) * chunk); ++t) {
         const int64_t rows = std::min<int64_t>(T, n - t * T);
@@ -304,9 +304,7 @@ void group_gemm_rows(const float* x, int64_t M, const GroupWeight& w, float* y, 
         }
       }
     }
-  };
-  if (M * n * K < kSerialWork) work(0, 1);
-  else at::parallel_for(0, nthreads, 1, work);
+  });
 }
 
 namespace {
