@@ -98,8 +98,11 @@ class DraftModelDrafter:
                 if not active:
                     break
                 logits = self.runner.forward([shims[j] for j in active], [lens[j] for j in active])
-                conf, toks = logits[:, :self.vocab].float().softmax(-1).max(dim=-1)
-                for j, t, p in zip(active, toks.tolist(), conf.tolist()):
+                logits = logits[:, :self.vocab]
+                toks = logits.argmax(dim=-1).tolist()
+                # the top token's probability, only where a cut is asked for (a softmax over the vocabulary per step)
+                conf = logits.float().softmax(-1).amax(-1).tolist() if self.min_confidence > 0 else [1.0] * len(toks)
+                for j, t, p in zip(active, toks, conf):
                     shims[j].kv_len += lens[j]
                     lens[j] = 1
                     ext[j].append(t)
