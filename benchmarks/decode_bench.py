@@ -2,16 +2,23 @@
 8, best of 2 runs, per bundled model. A quick before/after check for kernel changes (run_all.py is the peer
 comparison over HTTP).
 
-    OMP_WAIT_POLICY=PASSIVE python benchmarks/decode_bench.py                       # the 0.5B and the 1.5B
-    OMP_WAIT_POLICY=PASSIVE python benchmarks/decode_bench.py qwen2.5-coder-0.5b
+    python benchmarks/decode_bench.py                       # the 0.5B and the 1.5B
+    python benchmarks/decode_bench.py qwen2.5-coder-0.5b
+
+It runs under the OpenMP settings `ember serve` gives its engine process (benchmarks/common.py BASE_ENV).
 """
 from __future__ import annotations
 
+import os
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks.common import BASE_ENV  # noqa: E402
+
+for _k, _v in BASE_ENV.items():  # the OpenMP settings of `ember serve`'s engine process, before torch loads
+    os.environ.setdefault(_k, _v)
 
 
 def main() -> None:

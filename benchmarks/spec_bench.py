@@ -6,7 +6,7 @@ code-editing workload (the prompt holds code the answer mostly repeats: "rename 
     python benchmarks/spec_bench.py                      # all settings, both workloads, c=1 and c=8
     python benchmarks/spec_bench.py --settings off ngram --num-prompts 4 --output-len 64   # a quick look
 
-The engine runs in-process (ember.Engine), greedy (temperature 0: the outputs of every setting are the same
+The engine runs in-process (ember.Engine) under the OpenMP settings of `ember serve`'s engine process, greedy (temperature 0: the outputs of every setting are the same
 tokens, so the comparison is the same work), max_tokens --output-len, EOS allowed. Concurrency c: prompts go in
 waves of c requests batched together. Reported per row: output tokens/s, speedup over off, and the accept length
 (tokens per verify step, SGLang's spec_accept_length). Run it on a quiet machine; all rows come from one run.
@@ -23,6 +23,12 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+from benchmarks.common import BASE_ENV  # noqa: E402
+
+# the engine runs in this process: give it the OpenMP settings `ember serve` gives its engine process (a bounded
+# spin, ember/engine/engine_client.py), before torch loads libgomp; an environment that sets them wins
+for _k, _v in BASE_ENV.items():
+    os.environ.setdefault(_k, _v)
 
 SETTINGS = {
     "off": {},
@@ -104,7 +110,6 @@ def main():
     ap.add_argument("--kv-gb", type=float, default=1.0)
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "spec_bench.json"))
     args = ap.parse_args()
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     workloads = {"chat": chat_prompts(args.num_prompts), "code-edit": code_edit_prompts(args.num_prompts)}
     rows = []
     for name in args.settings:

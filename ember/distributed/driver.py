@@ -32,6 +32,7 @@ from ember.distributed import bound_state
 from ember.distributed.launcher import RankSpec, free_port, init_rank, local_worker_specs, ranks_per_node, \
     spawn_worker
 from ember.engine.model_runner import ModelRunner
+from ember.engine.token_window import TokenWindow
 
 logger = logging.getLogger("ember.distributed")
 
@@ -44,24 +45,11 @@ class RankFailed(RuntimeError):
     fatal = True
 
 
-class _Tokens:
-    """The token ids one step reads from a request, indexed by absolute position (as Req.token_ids)."""
-    __slots__ = ("offset", "ids")
-
-    def __init__(self, offset: int, ids: list[int]):
-        self.offset, self.ids = offset, ids
-
-    def __getitem__(self, i):
-        if isinstance(i, slice):
-            return self.ids[i.start - self.offset:i.stop - self.offset]
-        return self.ids[i - self.offset]
-
-
 @dataclasses.dataclass
 class ReqView:
     """What ModelRunner.build_batch reads from a request, and nothing else (a few ints a step)."""
     kv_len: int
-    token_ids: _Tokens
+    token_ids: TokenWindow
     page_tables: dict
     mm: object = None  # images/video (ember/multimodal): every rank attaches the same embeddings and positions
     spec_tree: object = None  # a speculative draft tree being verified (ember/speculative/tree.py)
@@ -73,7 +61,7 @@ class ReqView:
         if mm is not None and mm.items:  # only the items this step's tokens cover travel (their pixels)
             items = [it for it in mm.items if it.offset < b and it.offset + it.length > a]
             mm = dataclasses.replace(mm, items=items) if len(items) != len(mm.items) else mm
-        return cls(a, _Tokens(a, req.token_ids[a:b]), req.page_tables, mm, getattr(req, "spec_tree", None))
+        return cls(a, TokenWindow(a, req.token_ids[a:b]), req.page_tables, mm, getattr(req, "spec_tree", None))
 
 
 @dataclasses.dataclass
@@ -83,8 +71,11 @@ class Step:
     extend_lens: list[int]
     all_positions: bool
     full_rows: list[bool] | None
+    hidden: bool = False  # ModelRunner.forward_hidden (drafting on the MTP layers): every rank keeps last_hidden
 
     def run(self, runner):  # (ModelRunner's own forward: on rank 0 the runner is the driver, which broadcasts)
+        if self.hidden:
+            return ModelRunner.forward_hidden(runner, self.reqs, self.extend_lens, self.full_rows)
         return ModelRunner.forward(runner, self.reqs, self.extend_lens, self.all_positions, self.full_rows)
 
 
@@ -97,21 +88,73 @@ class KVMove:
         return ModelRunner.move_kv(runner, self.moves)
 
 
-SPECULATIVE_FIELDS = ("speculative_algorithm", "speculative_draft_model_path", "speculative_num_steps",
-                      "speculative_eagle_topk", "speculative_num_draft_tokens")
+@dataclasses.dataclass
+class DraftReqView:
+    """What the MTP drafter reads from a request: its id, KV length and token ids from where its rows start."""
+    rid: str
+    kv_len: int
+    token_ids: TokenWindow
+
+
+@dataclasses.dataclass
+class DrafterCall:
+    """One call on the MTP drafter (ember/speculative/mtp.py), which every rank holds a replica of: its layers are
+    sharded like the model's, so a draft step is a collective too. Every replica gets the same calls with the same
+    requests and reads the same full logits, so all pick the same drafts and keep the same pages."""
+    method: str
+    args: tuple
+    updates: list = dataclasses.field(default_factory=list)  # the update calls made since the last call, first
+
+    def run(self, runner):
+        if self.method == "create":
+            from ember.speculative.mtp import MTPDrafter
+            runner.mtp_drafter = MTPDrafter(runner, *self.args)
+            return None
+        for args in self.updates:
+            runner.mtp_drafter.update(*args)
+        return getattr(runner.mtp_drafter, self.method)(*self.args)
+
+
+class ReplicatedDrafter:
+    """Rank 0's MTP drafter at --tp-size > 1: each call runs on every rank (a step), on requests cut to what the
+    drafter reads."""
+    needs_hidden = True
+
+    def __init__(self, driver, model_dir, vocab_size: int, cfg):
+        self.driver = driver
+        driver._everywhere(DrafterCall("create", (model_dir, vocab_size, cfg)))
+        self.local = driver.mtp_drafter
+        self.updates: list = []  # update calls travel with the next call (a step ends with sync): one message
+
+    def _call(self, method: str, *args):
+        updates, self.updates = self.updates, []
+        return self.driver._everywhere(DrafterCall(method, args, updates))
+
+    def _views(self, reqs) -> list[DraftReqView]:
+        views = []
+        for r in reqs:  # the drafter reads tokens from the first position whose MTP rows are not yet valid
+            st = self.local.states.get(r.rid)
+            off = min(st.valid, len(r.token_ids)) if st is not None else len(r.token_ids)
+            views.append(DraftReqView(r.rid, r.kv_len, TokenWindow(off, r.token_ids[off:])))
+        return views
+
+    def propose(self, reqs, caps):
+        return self._call("propose", self._views(reqs), list(caps))
+
+    def propose_tree(self, reqs, ncaps, dcaps):
+        return self._call("propose_tree", self._views(reqs), list(ncaps), list(dcaps))
+
+    def update(self, req, start, rows):
+        # the view now: the update reads tokens of a state the updates before it in the batch do not touch
+        self.updates.append((self._views([req])[0], start, rows))
+
+    def sync(self, live_rids):
+        self._call("sync", set(live_rids))
 
 
 def make_runner(model_dir, hf_config, args):
     """The engine's ModelRunner: plain at --tp-size 1, rank 0 of the tp group otherwise."""
     if args.tp_size > 1:
-        if (args.speculative_algorithm or "").upper() in ("EAGLE", "NEXTN"):
-            # its drafter runs the (sharded) MTP layers on rank 0 alone, outside a Step: it would wait forever
-            # in their first all-reduce. Serve without it (the seeds pass EAGLE with --tp-size 4 / 8).
-            logger.warning("--speculative-algorithm %s (the model's MTP layers) does not run with --tp-size > 1 "
-                           "yet: serving without speculative decoding", args.speculative_algorithm)
-            for name in SPECULATIVE_FIELDS:
-                setattr(args, name, None)
-            args.enable_multi_layer_eagle = False
         return TPDriverRunner(model_dir, hf_config, args)
     if args.base_gpu_id and args.resolved_device() == "cuda":
         import torch
@@ -155,6 +198,14 @@ class TPDriverRunner(ModelRunner):
         step = Step([ReqView.of(r, n) for r, n in zip(reqs, extend_lens)], list(extend_lens), all_positions,
                     full_rows)
         return self._everywhere(step)
+
+    def forward_hidden(self, reqs, extend_lens, full_rows):
+        step = Step([ReqView.of(r, n) for r, n in zip(reqs, extend_lens)], list(extend_lens), False, list(full_rows),
+                    hidden=True)
+        return self._everywhere(step)
+
+    def replicated_drafter(self, model_dir, vocab_size: int, cfg) -> ReplicatedDrafter:
+        return ReplicatedDrafter(self, model_dir, vocab_size, cfg)
 
     def move_kv(self, moves: dict) -> None:
         if moves:

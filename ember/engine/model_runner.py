@@ -207,3 +207,12 @@ class ModelRunner:
         logits = self._logits(batch)
         last = logits[torch.tensor([b - 1 for _, b in spans.values()], device=self.device)]
         return last, {i: logits[a:b] for i, (a, b) in spans.items() if full_rows[i]}
+
+    def forward_hidden(self, reqs, extend_lens, full_rows: list[bool]):
+        """For drafting on the model's MTP layers: (last logits [B, V], {i: rows [n_i, V]}, the target's last
+        pre-norm hidden state at every token [T, H]). The hidden states stay in `last_hidden` until the next call:
+        the drafter's update reads the rows it keeps there (on every rank of a tensor-parallel engine)."""
+        from ember.speculative.mtp import forward_with_hidden
+        out = forward_with_hidden(self, reqs, extend_lens, full_rows)
+        self.last_hidden = out[2]
+        return out

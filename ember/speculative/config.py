@@ -79,7 +79,5 @@ def resolve(args) -> tuple[SpecConfig | None, list[str]]:
         errors.append(f"--speculative-ngram-min/max-match-window-size need 1 <= min <= max, got {lo}, {hi}")
     if errors:
         return None, errors
-    if args.tp_size != 1 and algo == "EAGLE":  # (the seeds pass EAGLE with --tp-size 4 / 8: make_runner in
-        return None, []  # ember/distributed/driver.py warns and serves without it)
     return SpecConfig(algo, steps, topk, ndraft, args.speculative_draft_model_path,
                       bool(args.enable_multi_layer_eagle), lo, hi, conf), []

@@ -20,6 +20,7 @@ import logging
 import torch
 
 from ember.engine.kv_pool import KVCache, PageAllocator
+from ember.engine.token_window import TokenWindow
 
 logger = logging.getLogger("ember.speculative")
 
@@ -37,6 +38,24 @@ def target_hidden(model, batch) -> torch.Tensor:
     for layer in inner.layers:
         x = layer(batch.positions, x, batch)
     return x
+
+
+def forward_with_hidden(runner, reqs, lens, full_rows):
+    """ModelRunner.forward_hidden: the target on the torch path, keeping its last hidden states for the drafter."""
+    batch = runner.build_batch(reqs, lens)
+    model = runner.model
+    with torch.inference_mode():
+        hidden = target_hidden(model, batch)
+        ends = torch.cumsum(torch.tensor(lens), 0).tolist()
+        index, spans = [], {}
+        for i, (n, end, full) in enumerate(zip(lens, ends, full_rows)):
+            start = len(index)
+            index.extend(range(end - n, end) if full else [end - 1])
+            spans[i] = (start, len(index))
+        rows = hidden.index_select(0, torch.tensor(index, device=hidden.device))
+        logits = model.compute_logits(model.model.norm(rows))
+    last = logits[torch.tensor([b - 1 for _, b in spans.values()], device=logits.device)]
+    return last, {i: logits[a:b] for i, (a, b) in spans.items() if full_rows[i]}, hidden
 
 
 def restore_mtp_clamps(model, model_dir) -> None:
@@ -99,16 +118,18 @@ class _State:
 class MTPDrafter:
     needs_hidden = True
 
-    def __init__(self, core, cfg):
-        runner = core.runner
+    def __init__(self, runner, model_dir, vocab_size: int, cfg):
+        """On every rank of a tensor-parallel engine (its MTP layers are sharded like the model's): each rank's replica
+        makes the same calls on the same inputs (ember/distributed/driver.py DrafterCall), so all pick the same drafts."""
+        self.runner = runner
         self.model = model = runner.model
         layers = mtp_layers_of(model)
         if not layers:
             raise ValueError(f"--speculative-algorithm {cfg.algorithm} drafts with the model's own MTP (nextn) layers, "
                              f"and {type(model).__name__} has none; use STANDALONE or NGRAM")
-        restore_mtp_clamps(model, core.model_dir)
+        restore_mtp_clamps(model, model_dir)
         self.K = cfg.num_steps  # (a chain: num_draft_tokens - 1)
-        self.topk, self.vocab = cfg.topk, core.vocab_size
+        self.topk, self.vocab = cfg.topk, vocab_size
         self.step_layers = [layers[min(k, len(layers) - 1)] if cfg.multi_layer else layers[0] for k in range(self.K)]
         kv = runner.kv_cache
         pages = kv.allocators["full"].num_pages
@@ -155,7 +176,7 @@ class MTPDrafter:
             live.append(i)
             starts.append(st.valid)
             prevs.append(st.hidden[st.valid - st.h0:])
-            exts.append(list(r.token_ids))
+            exts.append(r.token_ids[st.valid:])  # positions valid .. len - 1, and the drafts appended
         if not live:
             return out
         lens = [reqs[i].kv_len - s for i, s in zip(live, starts)]
@@ -165,7 +186,9 @@ class MTPDrafter:
             for k, (layer, builder) in enumerate(zip(self.step_layers, self.builders)):
                 if k >= max(caps[i] for i in live):
                     break
-                shims = [_Shim(e[k + 1:], s, {g: self.states[reqs[i].rid].pages for g in builder.kv_cache.groups})
+                # step k at position p reads token p + k + 1
+                shims = [_Shim(TokenWindow(s - k - 1, e), s,
+                               {g: self.states[reqs[i].rid].pages for g in builder.kv_cache.groups})
                          for i, e, s in zip(live, exts, starts)]
                 batch = builder.build(shims, lens)
                 embed = self.model.model.embed_tokens(batch.input_ids)
@@ -177,7 +200,7 @@ class MTPDrafter:
         for j, i in enumerate(live):
             st = self.states[reqs[i].rid]
             st.run_at = reqs[i].kv_len
-            st.run_drafts = exts[j][len(reqs[i].token_ids):]
+            st.run_drafts = exts[j][len(reqs[i].token_ids) - starts[j]:]
             out[i] = st.run_drafts[:caps[i]]
         return out
 
@@ -186,9 +209,12 @@ class MTPDrafter:
         return propose_tree(self, reqs, ncaps, dcaps)
 
     def update(self, req, start: int, rows) -> None:
-        """After a target step: the hidden states of its verified new positions [start, kv_len)."""
+        """After a target step: the hidden states of its verified new positions [start, kv_len), which are `rows` (a
+        slice or a list of indices) of the step's runner.last_hidden."""
         if rows is None:
             return
+        hidden = self.runner.last_hidden
+        rows = hidden[rows] if isinstance(rows, slice) else hidden.index_select(0, torch.tensor(rows, device=hidden.device))
         st = self.states.get(req.rid)
         if st is None or start == 0 or st.h_end != start:  # new, recomputed after preemption, or out of step
             if st is not None:

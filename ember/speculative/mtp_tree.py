@@ -58,8 +58,8 @@ def propose_tree(drafter, reqs, ncaps: list[int], dcaps: list[int]) -> list:
                 new = toks[s + step + 1:p + step + 1]
                 hid.append(shared_prev[j][:p - s])
                 for b in branches:
-                    ext = toks[:L + 1] + c.path_tokens(b)
-                    new = new + ext[p + step + 1:L + step + 1]
+                    ext = toks[s:L + 1] + c.path_tokens(b)  # (from position s)
+                    new = new + ext[p + step + 1 - s:L + step + 1 - s]
                     hid.append(shared_prev[j][p - s:p_prev[j] - s])
                     hid.append(priv_prev[j][c.parents[b]])
                 spec = None

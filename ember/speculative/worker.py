@@ -30,8 +30,10 @@ def make_drafter(core, cfg: SpecConfig):
     if cfg.algorithm == "STANDALONE":
         from ember.speculative.draft_model import DraftModelDrafter
         return DraftModelDrafter(core, cfg)
+    if hasattr(core.runner, "replicated_drafter"):  # tensor parallel: a replica on every rank (its layers are sharded)
+        return core.runner.replicated_drafter(core.model_dir, core.vocab_size, cfg)
     from ember.speculative.mtp import MTPDrafter
-    return MTPDrafter(core, cfg)
+    return MTPDrafter(core.runner, core.model_dir, core.vocab_size, cfg)
 
 
 class SpecWorker:
@@ -110,21 +112,7 @@ class SpecWorker:
                 last, full = runner.forward(reqs, lens, full_rows=full_rows)
                 return last, full, None
             return runner.forward(reqs, lens), {}, None
-        from ember.speculative.mtp import target_hidden
-        batch = runner.build_batch(reqs, lens)
-        model = runner.model
-        with torch.inference_mode():
-            hidden = target_hidden(model, batch)
-            ends = torch.cumsum(torch.tensor(lens), 0).tolist()
-            index, spans = [], {}
-            for i, (n, end, full) in enumerate(zip(lens, ends, full_rows)):
-                start = len(index)
-                index.extend(range(end - n, end) if full else [end - 1])
-                spans[i] = (start, len(index))
-            rows = hidden.index_select(0, torch.tensor(index, device=hidden.device))
-            logits = model.compute_logits(model.model.norm(rows))
-        last = logits[torch.tensor([b - 1 for _, b in spans.values()], device=logits.device)]
-        return last, {i: logits[a:b] for i, (a, b) in spans.items() if full_rows[i]}, hidden
+        return runner.forward_hidden(reqs, lens, full_rows)
 
     # ---------------------------------------------------------------- the step
     def step(self, core, batch) -> list:
@@ -272,13 +260,13 @@ class SpecWorker:
                 del table[need:]
 
     def _after(self, core, req, start, hidden, lens, i, nodes=None) -> None:
-        rows = None
+        rows = None  # which rows of the target's hidden states (runner.last_hidden) the drafter keeps
         if self.drafter.needs_hidden and hidden is not None:
             off = sum(lens[:i])
             if nodes is not None:  # a verified tree: the rows of the kept path
-                rows = hidden.index_select(0, torch.tensor([off + j for j in nodes], device=hidden.device))
+                rows = [off + j for j in nodes]
             else:
-                rows = hidden[off:off + req.kv_len - start]  # the target's hidden states of the verified new positions
+                rows = slice(off, off + req.kv_len - start)  # the target's hidden states of the verified new positions
         self.drafter.update(req, start, rows)
         if req.finished:
             core.scheduler.finish(req)

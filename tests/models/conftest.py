@@ -36,6 +36,32 @@ tiny_glm4_moe_lite_dir = _tiny_fixture("glm4_moe_lite")
 tiny_step3p5_dir = _tiny_fixture("step3p5")
 
 
+@pytest.fixture(scope="session")
+def tiny_step3p5_mtp3_dir(tiny_dir):
+    """The tiny Step-3.5 with three MTP layers (Step-3.5-Flash has three): sliding, full, sliding."""
+    import tests.step3p5_hub as hub
+    from tests.tiny_models import byte_level_tokenizer
+    path = tiny_dir / "step3p5_mtp3"
+    if (path / "config.json").exists():
+        return path
+    orig = hub.hub_config
+
+    def hub_config(vocab_size, eos_token_id):
+        c = orig(vocab_size, eos_token_id)
+        types = c["layer_types"][:hub.N_LAYERS] + ["sliding_attention", "full_attention", "sliding_attention"]
+        c.update(num_nextn_predict_layers=3, layer_types=types,
+                 rope_theta=[5e6 if t == "full_attention" else 1e4 for t in types],
+                 partial_rotary_factors=[0.5 if t == "full_attention" else 1.0 for t in types],
+                 swiglu_limits=c["swiglu_limits"][:hub.N_LAYERS] + [0.0] * 3,
+                 swiglu_limits_shared=c["swiglu_limits_shared"][:hub.N_LAYERS] + [0.2, 0.0, 0.15])
+        return c
+    hub.hub_config = hub_config
+    try:
+        return hub.build_tiny_step3p5(path, byte_level_tokenizer())
+    finally:
+        hub.hub_config = orig
+
+
 def _step3p5_reference(path):  # transformers has no text-only Step-3.5 CausalLM class (tests/step3p5_hub.py)
     from tests.step3p5_hub import Step3p5Reference
     return Step3p5Reference(path)

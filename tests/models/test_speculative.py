@@ -45,32 +45,6 @@ def _kwargs(flags: list[str]) -> dict:
     return out
 
 
-@pytest.fixture(scope="session")
-def tiny_step3p5_mtp3_dir(tiny_dir):
-    """The tiny Step-3.5 with three MTP layers (Step-3.5-Flash has three): sliding, full, sliding."""
-    import tests.step3p5_hub as hub
-    from tests.tiny_models import byte_level_tokenizer
-    path = tiny_dir / "step3p5_mtp3"
-    if (path / "config.json").exists():
-        return path
-    orig = hub.hub_config
-
-    def hub_config(vocab_size, eos_token_id):
-        c = orig(vocab_size, eos_token_id)
-        types = c["layer_types"][:hub.N_LAYERS] + ["sliding_attention", "full_attention", "sliding_attention"]
-        c.update(num_nextn_predict_layers=3, layer_types=types,
-                 rope_theta=[5e6 if t == "full_attention" else 1e4 for t in types],
-                 partial_rotary_factors=[0.5 if t == "full_attention" else 1.0 for t in types],
-                 swiglu_limits=c["swiglu_limits"][:hub.N_LAYERS] + [0.0] * 3,
-                 swiglu_limits_shared=c["swiglu_limits_shared"][:hub.N_LAYERS] + [0.2, 0.0, 0.15])
-        return c
-    hub.hub_config = hub_config
-    try:
-        return hub.build_tiny_step3p5(path, byte_level_tokenizer())
-    finally:
-        hub.hub_config = orig
-
-
 def _engine(engine_for, request, name, **spec):
     if name == "tiny-step3p5-mtp3":
         from ember import Engine
@@ -335,7 +309,9 @@ SEED_001_TREE = SEED_001[:5] + ["2", "--speculative-num-draft-tokens", "6"]  # t
 
 
 @pytest.mark.parametrize("model, flags", [("tiny_step3p5_mtp3_dir", SEED_000), ("tiny_glm4_moe_lite_dir", SEED_001),
-                                          ("tiny_glm4_moe_lite_dir", SEED_001_TREE)])
+                                          ("tiny_glm4_moe_lite_dir", SEED_001_TREE),
+                                          # seed 001 passes --tp-size 4: two ranks here, each drafting with its shard
+                                          ("tiny_glm4_moe_lite_dir", SEED_001 + ["--tp-size", "2"])])
 def test_seed_flags_serve_a_chat_request(model, flags, request, monkeypatch):
     import openai
     from ember.launch_server import launch_server_cmd, terminate_process, wait_for_server

@@ -65,10 +65,7 @@ MOE = [("tiny-qwen3-moe", 2), ("tiny-minimax-m2", 1), ("tiny-step3p5", 2), ("tin
 @pytest.mark.parametrize("name, ep", MOE)
 def test_tp2_moe_matches_tp1(name, ep, request, engine_for, reference_for):
     """Also Step-3.5's per-layer-type heads, MLA's heads (GLM), MiniMax-M2's whole-projection q/k norms."""
-    spec = dict(speculative_algorithm="EAGLE", speculative_num_steps=2, speculative_eagle_topk=1,
-                speculative_num_draft_tokens=3) if name == "tiny-step3p5" else {}  # seed 000's flags
-    tp2 = tp_engine(request, name, tp_size=2, ep_size=ep, **spec)
-    assert tp2.core.spec is None  # MTP drafting is off at tp > 1 (it would run the sharded MTP layers alone)
+    tp2 = tp_engine(request, name, tp_size=2, ep_size=ep)
     tp1 = engine_for(name)
     for held, full in zip(moe_layers(tp2), moe_layers(tp1)):
         if ep == 1:
@@ -97,6 +94,65 @@ def test_tp2_speculative_gives_the_tokens_of_tp1(spec, request, engine_for, refe
     check_same_as_tp1(name, tp2, engine_for, reference_for)
     stats = tp2.core.stats()["speculative"]
     assert stats["draft_tokens"] > 0 and stats["avg_accept_length"] > 1.2, stats
+
+
+SEED_000 = {"speculative_algorithm": "EAGLE", "speculative_num_steps": 3, "speculative_eagle_topk": 1,
+            "speculative_num_draft_tokens": 4, "enable_multi_layer_eagle": True}
+MTP_CASES = {  # id: (model directory fixture, --ep-size, speculative args)
+    "eagle-step3p5-mtp3-ep2": ("tiny_step3p5_mtp3_dir", 2, SEED_000),  # seed 000: 3 MTP layers chained
+    "nextn-glm": ("tiny_glm4_moe_lite_dir", 1, {**SEED_000, "speculative_algorithm": "NEXTN",
+                                                "enable_multi_layer_eagle": False}),  # seed 001: 1 nextn layer
+    "nextn-tree-glm": ("tiny_glm4_moe_lite_dir", 1, {**SEED_000, "speculative_algorithm": "NEXTN",
+                                                     "enable_multi_layer_eagle": False, "speculative_eagle_topk": 2,
+                                                     "speculative_num_draft_tokens": 6}),
+}
+
+
+def _record_drafts(drafter) -> list:
+    """Wraps the drafter's propose calls (a spy on rank 0's drafter object) to log the drafts of each step."""
+    log = []
+    for name in ("propose", "propose_tree"):
+        def spy(*args, _call=getattr(drafter, name)):
+            out = _call(*args)
+            log.append([list(getattr(d, "drafts", d) or []) for d in out])
+            return out
+        setattr(drafter, name, spy)
+    return log
+
+
+@pytest.mark.parametrize("case", list(MTP_CASES))
+def test_tp2_mtp_drafting_gives_the_drafts_of_tp1(case, request):
+    """EAGLE / NEXTN at tp 2 (the seeds' --tp-size 4 with their speculative flags): the MTP layers are sharded like
+    the model's, so every rank holds a replica of the drafter and runs each draft step with rank 0
+    (ember/distributed/driver.py DrafterCall). The same prompts give the tokens, drafts and accepted drafts of the
+    same speculation at tp 1, and every pool is free afterwards."""
+    from ember.distributed.driver import ReplicatedDrafter
+    from tests.models.checks import assert_pools_empty
+    fixture, ep, spec = MTP_CASES[case]
+    path = request.getfixturevalue(fixture)
+    tp1 = Engine(model_path=str(path), dtype="float32", device="cpu", cpu_kv_cache_gb=0.05, **spec)
+    request.addfinalizer(tp1.shutdown)
+    tp2 = Engine(model_path=str(path), dtype="float32", device="cpu", cpu_kv_cache_gb=0.05, tp_size=2, ep_size=ep,
+                 **spec)
+    request.addfinalizer(tp2.shutdown)
+    assert isinstance(tp2.core.spec.drafter, ReplicatedDrafter)
+    # the drafts of every step, as rank 0 returns them (the tiny models' random MTP layers rarely draft the right
+    # token, so the outputs alone would not show drafts gone wrong: a rank drafting other tokens than rank 0 feeds
+    # the next step's collectives other inputs, and rank 0's next drafts change)
+    drafts1, drafts2 = _record_drafts(tp1.core.spec.drafter), _record_drafts(tp2.core.spec.drafter)
+    prompts = ["the cat sat on the mat. the cat sat on the mat. the cat", "1, 2, 3, 4, 5, 6, 7,", "x"]
+    ids = [tp1.tokenizer.encode(p) for p in prompts]
+    want = tp1.generate(input_ids=ids, sampling_params=GREEDY)
+    got = tp2.generate(input_ids=ids, sampling_params=GREEDY)
+    assert [o["output_ids"] for o in got] == [o["output_ids"] for o in want]
+    assert sum(len(d) for step in drafts1 for d in step) > 100
+    assert drafts2 == drafts1
+    s1, s2 = tp1.core.stats()["speculative"], tp2.core.stats()["speculative"]
+    assert {k: s2[k] for k in ("verify_ct", "draft_tokens", "accepted_tokens")} == \
+        {k: s1[k] for k in ("verify_ct", "draft_tokens", "accepted_tokens")}
+    assert_pools_empty(tp2)
+    drafter = tp2.core.spec.drafter.local
+    assert drafter.allocator.num_free == drafter.allocator.total  # the MTP layers' pool (rank 0's replica)
 
 
 def test_tp2_quantized_keeps_the_collectives(request, engine_for):
