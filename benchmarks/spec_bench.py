@@ -18,6 +18,7 @@ import json
 import os
 import re
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -37,6 +38,10 @@ SETTINGS = {
     # the chain cut after a draft whose top probability is < 0.4 (transformers' assistant_confidence_threshold)
     "standalone-conf": {"speculative_algorithm": "STANDALONE", "speculative_draft_model_path": "qwen2.5-coder-0.5b",
                         "speculative_draft_min_confidence": 0.4},
+    # the draft's lm_head cut to a hot vocabulary (--speculative-token-map, SGLang's FR-Spec flag): the --hot-vocab
+    # most frequent tokens of a corpus at hand (hot_token_map below), never of the benchmark's prompts
+    "standalone-hot": {"speculative_algorithm": "STANDALONE", "speculative_draft_model_path": "qwen2.5-coder-0.5b",
+                       "speculative_token_map": None},
     # a draft tree: the root and the 5 best of 2 + 4 + 4 candidates, verified under a tree attention mask
     "standalone-tree": {"speculative_algorithm": "STANDALONE", "speculative_draft_model_path": "qwen2.5-coder-0.5b",
                         "speculative_num_steps": 3, "speculative_eagle_topk": 2, "speculative_num_draft_tokens": 6},
@@ -69,9 +74,46 @@ def code_edit_prompts(n: int) -> list[list[dict]]:
     return out
 
 
+def hot_token_map(model: str, n: int, corpus_chars: int = 40_000_000) -> str:
+    """A token map as FR-Spec builds one (the n most frequent tokens of a corpus), from the corpus every machine
+    running this has: the Python sources and Markdown of the installed packages (site-packages: English and code,
+    as the two workloads; ember itself and benchmarks/ are not in it). Files in a fixed shuffled order, 40 M chars."""
+    import collections
+    import random
+    import sysconfig
+
+    from transformers import AutoTokenizer
+
+    from ember.loader import resolve_model_dir
+    path = Path(tempfile.gettempdir()) / f"ember_token_map_{model}_{n}.json"
+    if path.exists():
+        return str(path)
+    tok = AutoTokenizer.from_pretrained(str(resolve_model_dir(model)))
+    root = Path(sysconfig.get_paths()["purelib"])
+    files = sorted(str(f) for ext in ("*.py", "*.md") for f in root.rglob(ext))
+    random.Random(0).shuffle(files)
+    counts, total = collections.Counter(), 0
+    for f in files:
+        if total > corpus_chars:
+            break
+        try:
+            text = Path(f).read_text(encoding="utf-8")[:200_000]
+        except (UnicodeDecodeError, OSError):
+            continue
+        total += len(text)
+        counts.update(tok(text)["input_ids"])
+    path.write_text(json.dumps(sorted(t for t, _ in counts.most_common(n))))
+    print(f"token map: the {n} most frequent of {len(counts)} token ids in {total / 1e6:.0f} M chars of {root}",
+          flush=True)
+    return str(path)
+
+
 def run_setting(name: str, args, workloads) -> list[dict]:
     from ember import Engine
-    engine = Engine(model_path=args.model, dtype=args.dtype, cpu_kv_cache_gb=args.kv_gb, **SETTINGS[name])
+    setting = dict(SETTINGS[name])
+    if "speculative_token_map" in setting:
+        setting["speculative_token_map"] = hot_token_map(args.model, args.hot_vocab)
+    engine = Engine(model_path=args.model, dtype=args.dtype, cpu_kv_cache_gb=args.kv_gb, **setting)
     rows = []
     sp = {"temperature": 0, "max_new_tokens": args.output_len}
     for wname, prompts in workloads.items():
@@ -108,6 +150,7 @@ def main():
     ap.add_argument("--output-len", type=int, default=128)
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--kv-gb", type=float, default=1.0)
+    ap.add_argument("--hot-vocab", type=int, default=32768, help="standalone-hot: the token map is ids below this")
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "spec_bench.json"))
     args = ap.parse_args()
     workloads = {"chat": chat_prompts(args.num_prompts), "code-edit": code_edit_prompts(args.num_prompts)}

@@ -174,10 +174,31 @@ def _pack_groups(w: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor
     if K % GROUP:
         raise ValueError(f"in_features {K} is not a multiple of the group size {GROUP}")
     levels, ng = (1 << bits) - 1, K // GROUP
-    packed, dws, mws = [], [], []
     step = 64 * _TILE  # (1024 rows: float temporaries of a few MB however large the matrix)
-    for r0 in range(0, N, step):
-        q, dw, mw = _fit_groups(w[r0:r0 + step].float().reshape(-1, ng, GROUP), levels)
+    return _layout((_fit_groups(w[r0:r0 + step].float().reshape(-1, ng, GROUP), levels) for r0 in range(0, N, step)),
+                   bits)
+
+
+def _unlayout(qweight, dws, mws, bits: int, rows: int):
+    """The inverse of _layout: codes q [N, ng, 32] (uint8) and dw, mw [N, ng] of the first `rows` rows."""
+    p = qweight.long()
+    tiles, ng = p.shape[:2]
+    if bits == 4:
+        p = p.view(tiles, ng, 4, _TILE, 4)  # (chunk c, row j, byte b): q[j, 4c+b] | q[j, 16+4c+b] << 4
+        lo, hi = (p & 15).permute(0, 3, 1, 2, 4), (p >> 4).permute(0, 3, 1, 2, 4)  # [tiles, j, ng, c, b]
+        q = torch.cat([lo.reshape(tiles, _TILE, ng, 16), hi.reshape(tiles, _TILE, ng, 16)], dim=-1)
+    else:
+        q = p.view(tiles, ng, 8, _TILE, 4).permute(0, 3, 1, 2, 4).reshape(tiles, _TILE, ng, GROUP)
+    q = q.reshape(tiles * _TILE, ng, GROUP)[:rows].to(torch.uint8)
+    dw, mw = (t.transpose(1, 2).reshape(tiles * _TILE, ng)[:rows] for t in (dws, mws))
+    return q, dw, mw
+
+
+def _layout(chunks, bits: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Codes q [n, ng, 32] and fp16 dw, mw [n, ng] per chunk of rows, into the kernel's tiles of 16 rows."""
+    packed, dws, mws = [], [], []
+    for q, dw, mw in chunks:
+        ng = q.shape[1]
         pad = (-q.shape[0]) % _TILE
         if pad:
             q, dw, mw = (F.pad(t, (0, 0) * (t.dim() - 1) + (0, pad)) for t in (q, dw, mw))
@@ -214,6 +235,24 @@ class GroupQuantLinear(_QuantLinear):
     def _mm(self, x2: torch.Tensor) -> torch.Tensor:
         return getattr(torch.ops, self.kernel_ns).group_gemm(x2, self.qweight, self.dw, self.mw, self.bits,
                                                              self.out_features)
+
+    def codes(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The weights as codes q [N, K // 32, 32] (uint8) and their fp16 scales and offsets dw, mw [N, K // 32]."""
+        return _unlayout(self.qweight, self.dw, self.mw, self.bits, self.out_features)
+
+    def select_rows(self, ids: torch.Tensor) -> "GroupQuantLinear":
+        """The layer restricted to output rows `ids` (the same codes, re-tiled): y[:, j] of it is y[:, ids[j]]."""
+        q, dw, mw = self.codes()
+        ids = ids.to(torch.long)
+        out = object.__new__(type(self))
+        nn.Module.__init__(out)
+        out.bias = None if self.bias is None else nn.Parameter(self.bias.detach()[ids], requires_grad=False)
+        out.out_features, out.kernel_ns, out.bits = len(ids), self.kernel_ns, self.bits
+        qweight, dws, mws = _layout([(q[ids], dw[ids], mw[ids])], self.bits)
+        out.register_buffer("qweight", qweight)
+        out.register_buffer("dw", dws)
+        out.register_buffer("mw", mws)
+        return out
 
 
 # With int4, two kinds of layer keep 8 bits (as llama.cpp's Q4_K_M keeps some tensors at 6-8 bits):

@@ -19,6 +19,7 @@ class SpecConfig:
     ngram_min_window: int = 1
     ngram_max_window: int = 12
     draft_min_confidence: float = 0.0  # STANDALONE chains: a draft step whose top probability is below it is the last
+    token_map: str | None = None  # STANDALONE: the file of token ids the draft's lm_head is cut to
 
     @property
     def max_drafts(self) -> int:
@@ -30,7 +31,7 @@ def resolve(args) -> tuple[SpecConfig | None, list[str]]:
     algo = args.speculative_algorithm
     if algo is None:
         given = [n for n in ("speculative_draft_model_path", "speculative_num_steps", "speculative_eagle_topk",
-                             "speculative_num_draft_tokens") if getattr(args, n) is not None]
+                             "speculative_num_draft_tokens", "speculative_token_map") if getattr(args, n) is not None]
         given += ["enable_multi_layer_eagle"] if args.enable_multi_layer_eagle else []
         return None, [f"--{n.replace('_', '-')} needs --speculative-algorithm" for n in given]
     algo = algo.upper()
@@ -75,9 +76,16 @@ def resolve(args) -> tuple[SpecConfig | None, list[str]]:
     conf = args.speculative_draft_min_confidence
     if not 0.0 <= conf < 1.0:
         errors.append(f"--speculative-draft-min-confidence must be in [0, 1), got {conf}")
+    if args.speculative_token_map is not None:
+        import os
+        if algo != "STANDALONE":
+            errors.append("--speculative-token-map cuts a draft model's lm_head: it needs --speculative-algorithm "
+                          "STANDALONE")
+        elif not os.path.isfile(args.speculative_token_map):
+            errors.append(f"--speculative-token-map {args.speculative_token_map!r}: no such file")
     if not 1 <= lo <= hi:
         errors.append(f"--speculative-ngram-min/max-match-window-size need 1 <= min <= max, got {lo}, {hi}")
     if errors:
         return None, errors
     return SpecConfig(algo, steps, topk, ndraft, args.speculative_draft_model_path,
-                      bool(args.enable_multi_layer_eagle), lo, hi, conf), []
+                      bool(args.enable_multi_layer_eagle), lo, hi, conf, args.speculative_token_map), []

@@ -54,10 +54,24 @@ class DraftModelDrafter:
         self.steps = cfg.max_drafts
         self.topk = cfg.topk
         self.min_confidence = cfg.draft_min_confidence
+        self.hot = None  # --speculative-token-map: the ids the draft's lm_head was cut to (logit j is token hot[j])
+        if cfg.token_map:
+            self.hot = load_token_map(cfg.token_map, self.vocab).to(self.runner.device)
+            model = self.runner.model
+            model.lm_head = cut_lm_head(model.lm_head, self.hot)
+            logger.info("draft lm_head cut to the %d token ids of %s", len(self.hot), cfg.token_map)
         self.page_size = self.runner.kv_cache.page_size
         self.allocators = self.runner.kv_cache.allocators
         self.states: dict[str, _State] = {}
         logger.info("draft model %s loaded", cfg.draft_model_path)
+
+    def _vocab_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """The draft's logits over the ids the target can verify ([n, vocab]; -inf outside a token map)."""
+        if self.hot is None:
+            return logits[:, :self.vocab]
+        full = logits.new_full((logits.shape[0], self.vocab), float("-inf"))
+        full[:, self.hot] = logits
+        return full
 
     def _alloc(self, st: _State, upto: int) -> bool:
         need = {g: -(-upto // self.page_size) - len(t) for g, t in st.page_tables.items()}
@@ -97,8 +111,7 @@ class DraftModelDrafter:
                 active = [j for j, i in enumerate(live) if step < caps[i]]
                 if not active:
                     break
-                logits = self.runner.forward([shims[j] for j in active], [lens[j] for j in active])
-                logits = logits[:, :self.vocab]
+                logits = self._vocab_logits(self.runner.forward([shims[j] for j in active], [lens[j] for j in active]))
                 toks = logits.argmax(dim=-1).tolist()
                 # the top token's probability, only where a cut is asked for (a softmax over the vocabulary per step)
                 conf = logits.float().softmax(-1).amax(-1).tolist() if self.min_confidence > 0 else [1.0] * len(toks)
@@ -137,7 +150,7 @@ class DraftModelDrafter:
             return out
         with torch.inference_mode():
             logits = self.runner.forward(shims, [len(s.token_ids) - s.kv_len for s in shims])
-            lp = logits[:, :self.vocab].float().log_softmax(-1)
+            lp = self._vocab_logits(logits).float().log_softmax(-1)
             for j, c in enumerate(cands):
                 c.expand(lp[j:j + 1], k)
                 st = self.states[reqs[live[j]].rid]
@@ -160,7 +173,7 @@ class DraftModelDrafter:
                             vis[a] |= vis[slot_of[j][p]]  # parents run before their children
                     s.spec_tree = TreeSpec(root + 1, [root + len(c.path_tokens(f)) for f in nodes], vis)
                 logits = self.runner.forward([shims[j] for j in active], [k] * len(active), all_positions=True)
-                lp = logits[:, :self.vocab].float().log_softmax(-1)
+                lp = self._vocab_logits(logits).float().log_softmax(-1)
                 for a, j in enumerate(active):
                     cands[j].expand(lp[a * k:(a + 1) * k], k)
         for j, i in enumerate(live):
@@ -176,3 +189,47 @@ class DraftModelDrafter:
     def sync(self, live_rids) -> None:
         for rid in [r for r in self.states if r not in live_rids]:
             self._free(self.states.pop(rid))
+
+
+def load_token_map(path: str, vocab: int) -> torch.Tensor:
+    """The token ids of a --speculative-token-map file (a JSON list, or a torch .pt tensor / list as SGLang's), sorted."""
+    import json
+    try:
+        if path.endswith(".json"):
+            with open(path) as f:
+                ids = json.load(f)
+        else:
+            ids = torch.load(path, map_location="cpu", weights_only=True)
+        ids = torch.as_tensor(ids).to(torch.long).flatten().unique()  # (unique sorts)
+    except Exception as e:  # noqa: BLE001 - any unreadable file is the same user error
+        raise ValueError(f"--speculative-token-map {path!r}: not a list of token ids ({type(e).__name__}: {e})") from e
+    if ids.numel() == 0 or ids[0] < 0 or ids[-1] >= vocab:
+        raise ValueError(f"--speculative-token-map {path!r}: needs token ids in [0, {vocab})")
+    return ids
+
+
+def cut_lm_head(head, ids: torch.Tensor):
+    """The output projection restricted to rows `ids` (its logit j is token ids[j]): fewer weights to read per step."""
+    from torch import nn
+    if hasattr(head, "select_rows"):  # w4a8's group-quantized linear: the same codes, re-tiled
+        return head.select_rows(ids)
+    if isinstance(head, nn.Linear):  # (the draft model runs whole: tp 1)
+        cut = nn.Linear(head.in_features, len(ids), bias=head.bias is not None, device=head.weight.device,
+                        dtype=head.weight.dtype)
+        with torch.no_grad():
+            cut.weight.copy_(head.weight[ids])
+            if head.bias is not None:
+                cut.bias.copy_(head.bias[ids])
+        return cut.requires_grad_(False)
+    return _Selected(head, ids)
+
+
+class _Selected(torch.nn.Module):
+    """Any other head (other quantizations): the full logits, then the map's columns (no faster, still correct)."""
+
+    def __init__(self, head, ids):
+        super().__init__()
+        self.head, self.ids = head, ids
+
+    def forward(self, x):
+        return self.head(x).index_select(-1, self.ids.to(x.device))

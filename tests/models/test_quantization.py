@@ -30,15 +30,7 @@ def test_quantized_linear_layers_approximate_fp32():
 
 def _unpack_codes(layer: GroupQuantLinear) -> torch.Tensor:
     """The layer's codes back as q [N, K], read from the kernel's tile layout (vnni_gemm.cpp's header)."""
-    p = layer.qweight.long()
-    tiles, ng = p.shape[:2]
-    if layer.bits == 4:
-        p = p.view(tiles, ng, 4, 16, 4)  # (chunk c, row j, byte b): q[j, 4c+b] | q[j, 16+4c+b] << 4
-        lo, hi = (p & 15).permute(0, 3, 1, 2, 4), (p >> 4).permute(0, 3, 1, 2, 4)  # [tiles, j, ng, c, b]
-        q = torch.cat([lo.reshape(tiles, 16, ng, 16), hi.reshape(tiles, 16, ng, 16)], dim=-1)
-    else:
-        q = p.view(tiles, ng, 8, 16, 4).permute(0, 3, 1, 2, 4).reshape(tiles, 16, ng, 32)
-    return q.reshape(tiles * 16, ng * 32)[:layer.out_features]
+    return layer.codes()[0].reshape(layer.out_features, -1).long()
 
 
 @pytest.mark.parametrize("bits", [4, 8])
