@@ -108,7 +108,7 @@ class DrafterCall:
     def run(self, runner):
         if self.method == "create":
             from ember.speculative.mtp import MTPDrafter
-            runner.mtp_drafter = MTPDrafter(runner, *self.args)
+            runner.mtp_drafter = MTPDrafter(runner, runner.model_dir, *self.args)  # (the rank's own model path)
             return None
         for args in self.updates:
             runner.mtp_drafter.update(*args)
@@ -120,9 +120,9 @@ class ReplicatedDrafter:
     drafter reads."""
     needs_hidden = True
 
-    def __init__(self, driver, model_dir, vocab_size: int, cfg):
+    def __init__(self, driver, vocab_size: int, cfg):
         self.driver = driver
-        driver._everywhere(DrafterCall("create", (model_dir, vocab_size, cfg)))
+        driver._everywhere(DrafterCall("create", (vocab_size, cfg)))
         self.local = driver.mtp_drafter
         self.updates: list = []  # update calls travel with the next call (a step ends with sync): one message
 
@@ -204,8 +204,8 @@ class TPDriverRunner(ModelRunner):
                     hidden=True)
         return self._everywhere(step)
 
-    def replicated_drafter(self, model_dir, vocab_size: int, cfg) -> ReplicatedDrafter:
-        return ReplicatedDrafter(self, model_dir, vocab_size, cfg)
+    def replicated_drafter(self, vocab_size: int, cfg) -> ReplicatedDrafter:
+        return ReplicatedDrafter(self, vocab_size, cfg)
 
     def move_kv(self, moves: dict) -> None:
         if moves:

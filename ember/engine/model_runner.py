@@ -62,6 +62,7 @@ class ModelRunner:
     attn_backend: AttentionBackend = TorchSDPABackend()  # (__init__ sets the server's; stateless, so shared)
 
     def __init__(self, model_dir, hf_config, server_args):
+        self.model_dir = model_dir  # (this node's copy: ranks on other nodes have their own path)
         self.device = server_args.resolved_device()
         self.dtype = server_args.resolved_dtype()
         if self.device == "cpu" and server_args.num_threads:

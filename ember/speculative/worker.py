@@ -31,7 +31,7 @@ def make_drafter(core, cfg: SpecConfig):
         from ember.speculative.draft_model import DraftModelDrafter
         return DraftModelDrafter(core, cfg)
     if hasattr(core.runner, "replicated_drafter"):  # tensor parallel: a replica on every rank (its layers are sharded)
-        return core.runner.replicated_drafter(core.model_dir, core.vocab_size, cfg)
+        return core.runner.replicated_drafter(core.vocab_size, cfg)
     from ember.speculative.mtp import MTPDrafter
     return MTPDrafter(core.runner, core.model_dir, core.vocab_size, cfg)
 

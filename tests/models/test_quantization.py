@@ -56,6 +56,19 @@ def test_group_gemm_kernel_matches_its_math(bits):
         assert ((w - lin.weight).norm() / lin.weight.norm()).item() < (0.1 if bits == 4 else 0.005)
 
 
+@pytest.mark.parametrize("bits", [4, 8])
+def test_select_rows_keeps_the_codes_of_those_rows(bits):
+    """GroupQuantLinear.select_rows (a draft model's lm_head cut to --speculative-token-map): the chosen rows, in any
+    order and crossing tile boundaries, re-tiled with their own codes: outputs bit-identical to the full layer's."""
+    torch.manual_seed(bits)
+    layer = GroupQuantLinear(torch.nn.Linear(96, 200, bias=True), bits)
+    ids = torch.tensor([199, 0, 5, 17, 18, 100, 33, 15, 16])
+    cut = layer.select_rows(ids)
+    assert cut.out_features == len(ids) and cut.qweight.shape[0] == 1  # one tile of 16 rows
+    x = torch.randn(5, 96)
+    assert torch.equal(cut(x), layer(x)[:, ids])
+
+
 @pytest.mark.parametrize("make", [W8A8Linear, GroupQuantLinear])
 def test_rows_do_not_depend_on_the_batch(make):
     """Activations are quantized per token (w8a8_int8) or per group of a token (w4a8), so a request's

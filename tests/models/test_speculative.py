@@ -163,6 +163,48 @@ def test_draft_min_confidence_ends_chains_early(engine_for, tiny_qwen3_dir):
     assert per_verify[0.5] <= 1.0 and per_verify[0.0] > 2.0, per_verify  # (a verify near max_tokens drafts less)
 
 
+@pytest.mark.parametrize("quantization", ["none", "w4a8"])
+def test_token_map_drafts_only_its_tokens(quantization, engine_for, tiny_qwen3_dir, tmp_path):
+    """--speculative-token-map: the draft model's lm_head is cut to the map's ids (fewer rows to read per draft
+    step), every draft is one of them, and the tokens are those of speculation off (the target verifies all)."""
+    from torch import nn
+    greedy = {**GREEDY, "max_new_tokens": 16}
+    vocab = engine_for("tiny-qwen3").core.vocab_size
+    hot = list(range(0, vocab, 2)) + [1, 3]  # (unsorted: the map is a set)
+    path = tmp_path / "map.json"
+    path.write_text(json.dumps(hot))
+    base = {"quantization": quantization} if quantization != "none" else {}
+    want = engine_for("tiny-qwen3", **base).generate(PROMPTS[:4], greedy)
+    spec = engine_for("tiny-qwen3", **base, speculative_algorithm="STANDALONE", speculative_token_map=str(path),
+                      speculative_draft_model_path=str(tiny_qwen3_dir))
+    drafter = spec.core.spec.drafter
+    head = drafter.runner.model.lm_head
+    assert head.out_features == len(hot) and (quantization == "none") == isinstance(head, nn.Linear)
+    drafts = []
+    propose = drafter.propose
+    drafter.propose = lambda *a: drafts.append(propose(*a)) or drafts[-1]
+    got = spec.generate(PROMPTS[:4], greedy)
+    tokens = [t for step in drafts for d in step for t in d]
+    assert len(tokens) > 20 and set(tokens) <= set(hot)
+    assert [o["output_ids"] for o in got] == [o["output_ids"] for o in want]
+    assert spec.core.stats()["speculative"]["avg_accept_length"] > 1.2  # the self-draft still mostly right
+
+
+def test_token_map_errors(tiny_qwen3_dir, tmp_path):
+    from ember import Engine
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps([0, 1, 10**6]))
+    common = {"model_path": str(tiny_qwen3_dir), "dtype": "float32", "cpu_kv_cache_gb": 0.05}
+    with pytest.raises(ValueError, match=r"needs token ids in \[0, "):
+        Engine(**common, speculative_algorithm="STANDALONE", speculative_draft_model_path=str(tiny_qwen3_dir),
+               speculative_token_map=str(bad))
+    with pytest.raises(ValueError, match="needs --speculative-algorithm STANDALONE"):
+        Engine(**common, speculative_algorithm="NGRAM", speculative_token_map=str(bad))
+    with pytest.raises(ValueError, match="no such file"):
+        Engine(**common, speculative_algorithm="STANDALONE", speculative_draft_model_path=str(tiny_qwen3_dir),
+               speculative_token_map=str(tmp_path / "missing.json"))
+
+
 def test_sampled_distribution_matches_speculation_off(engine_for, tiny_qwen3_dir):
     """Acceptance 2: on the tiny model (vocabulary 260; its random logits are flat, so temperature 0.06 gives
     peaked but spread distributions), 20,000 seeded samples of the first 4 tokens with a STANDALONE draft (the
