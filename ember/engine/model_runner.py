@@ -9,6 +9,7 @@ import torch
 
 from ember.distributed import tp_min_int, tp_size
 from ember.engine.kv_pool import KVCache
+from ember.engine.logit_rows import logit_rows, split_rows
 from ember.engine.cpu_default_path import choose_weights_path
 from ember.engine.memory_plan import build_meta_model, kv_layer_shapes, meta_model, plan_for_model, weight_bytes
 from ember.attention import create_backend
@@ -198,22 +199,15 @@ class ModelRunner:
             return self._logits(batch)
         if not full_rows or not any(full_rows):
             return self._logits(batch)
-        ends = torch.cumsum(torch.tensor(extend_lens), 0)
-        index, spans = [], {}
-        for i, (n, end, full) in enumerate(zip(extend_lens, ends.tolist(), full_rows)):
-            start = len(index)
-            index.extend(range(end - n, end) if full else [end - 1])
-            spans[i] = (start, len(index))
+        index, spans = logit_rows(extend_lens, full_rows)
         batch.logit_index = torch.tensor(index, device=self.device)
-        logits = self._logits(batch)
-        last = logits[torch.tensor([b - 1 for _, b in spans.values()], device=self.device)]
-        return last, {i: logits[a:b] for i, (a, b) in spans.items() if full_rows[i]}
+        return split_rows(self._logits(batch), spans, full_rows)
 
     def forward_hidden(self, reqs, extend_lens, full_rows: list[bool]):
         """For drafting on the model's MTP layers: (last logits [B, V], {i: rows [n_i, V]}, the target's last
         pre-norm hidden state at every token [T, H]). The hidden states stay in `last_hidden` until the next call:
         the drafter's update reads the rows it keeps there (on every rank of a tensor-parallel engine)."""
-        from ember.speculative.mtp import forward_with_hidden
+        from ember.speculative.target_hidden import forward_with_hidden
         out = forward_with_hidden(self, reqs, extend_lens, full_rows)
         self.last_hidden = out[2]
         return out

@@ -31,33 +31,6 @@ def mtp_layers_of(model) -> list:
     return list(getattr(model.model, "mtp", []) or [])  # GLM-4.7-Flash (DeepSeek-style nextn)
 
 
-def target_hidden(model, batch) -> torch.Tensor:
-    """The target's last pre-norm hidden state at every token of the batch [T, H] (model.model.forward, unnormed)."""
-    inner = model.model
-    x = inner.embed_tokens(batch.input_ids)
-    for layer in inner.layers:
-        x = layer(batch.positions, x, batch)
-    return x
-
-
-def forward_with_hidden(runner, reqs, lens, full_rows):
-    """ModelRunner.forward_hidden: the target on the torch path, keeping its last hidden states for the drafter."""
-    batch = runner.build_batch(reqs, lens)
-    model = runner.model
-    with torch.inference_mode():
-        hidden = target_hidden(model, batch)
-        ends = torch.cumsum(torch.tensor(lens), 0).tolist()
-        index, spans = [], {}
-        for i, (n, end, full) in enumerate(zip(lens, ends, full_rows)):
-            start = len(index)
-            index.extend(range(end - n, end) if full else [end - 1])
-            spans[i] = (start, len(index))
-        rows = hidden.index_select(0, torch.tensor(index, device=hidden.device))
-        logits = model.compute_logits(model.model.norm(rows))
-    last = logits[torch.tensor([b - 1 for _, b in spans.values()], device=logits.device)]
-    return last, {i: logits[a:b] for i, (a, b) in spans.items() if full_rows[i]}, hidden
-
-
 def restore_mtp_clamps(model, model_dir) -> None:
     """Step-3.5's SwiGLU clamps of the MTP layers: the hub's config.json pads swiglu_limits(_shared) with one entry
     per MTP layer, which transformers' config trims away (the layers were built without them); read them back."""
