@@ -107,7 +107,7 @@ class Ember(Engine):
 class LlamaCpp(Engine):
     key = "llama.cpp"
     label = "llama.cpp `llama-server -np 16 -cb`"
-    weights = "the GGUF itself (Q4_K_M for qwen2.5-coder-0.5b)"
+    weights = "the GGUF itself (Q4_K_M for the bundled qwen2.5-coder 0.5b and 1.5b)"
     startup_timeout = 300.0
     mem_gb = 1.5
 
@@ -342,7 +342,8 @@ def run_engine(eng: Engine, a, state_w: dict) -> None:
                     runs[str(c)] = {"skipped": "serial server: throughput as at c=1"}
                     continue
                 n = a.num_prompts_c1 if (c == 1 and a.num_prompts_c1) else a.num_prompts
-                out_json = RAW / f"{eng.key.replace(' ', '_').replace('/', '_')}_{a.dataset_name}_c{c}.json"
+                model_tag = "" if a.model == common.DEFAULT_MODEL else f"{a.model}_"  # (the default keeps its old names)
+                out_json = RAW / f"{model_tag}{eng.key.replace(' ', '_').replace('/', '_')}_{a.dataset_name}_c{c}.json"
                 print(f"[{eng.key}] concurrency {c}: {n} requests", flush=True)
                 try:
                     res = run_benchmark(bench_args(a, base_url, c, n, out_json))
