@@ -1,8 +1,8 @@
 """C++ kernels, compiled on first use (torch.utils.cpp_extension, cached), one build per instruction set.
 
 `vnni_gemm.cpp` is the group-quantized GEMM (`torch.ops.ember.group_gemm`), `fused_decode.cpp` a whole
-decode step around it (`torch.classes.ember.DecodeStack`) and `moe_experts.cpp` a whole MoE expert layer on it
-(`torch.ops.ember.moe_experts`). Each is built in variants with fixed compiler
+decode step around it (`torch.classes.ember.DecodeStack`), `moe_experts.cpp` a whole MoE expert layer on it
+(`torch.ops.ember.moe_experts`) and `group_fit.cpp` the quantizer's per-group fit (`torch.ops.ember.fit_groups`). Each is built in variants with fixed compiler
 flags rather than `-march=native`, so that a variant can be built and tested on any x86 machine that runs it:
 
   avx512    AVX-512 VNNI (`vpdpbusd`, 16 rows per register)
@@ -97,7 +97,7 @@ def load_variant(variant: str) -> str:
 
         ns = "ember" if variant == default_variant() else f"ember_{variant}"
         here = Path(__file__).parent
-        sources = [here / "vnni_gemm.cpp", here / "fused_decode.cpp", here / "moe_experts.cpp"]
+        sources = [here / "vnni_gemm.cpp", here / "fused_decode.cpp", here / "moe_experts.cpp", here / "group_fit.cpp"]
         # the name keys the cache: a changed source or header, or another variant, builds anew
         # -fopenmp: at::parallel_for is inline code that runs serially unless the extension itself is compiled with
         # OpenMP (its GOMP calls then bind to the libgomp torch already loaded): without it every kernel ran on one core
@@ -115,6 +115,11 @@ def load_variant(variant: str) -> str:
         _loaded[variant] = ns
         logger.info("group GEMM kernels loaded: %s (torch.ops.%s)", variant, ns)
         return ns
+
+
+def load_default() -> str:
+    """Load the process's default variant (never a forced one); returns its torch namespace, `ember`."""
+    return load_variant(default_variant())
 
 
 def load_group_gemm() -> str:

@@ -142,7 +142,15 @@ def _assign(g: torch.Tensor, dw: torch.Tensor, mw: torch.Tensor, levels: int) ->
 
 
 def _fit_groups(g: torch.Tensor, levels: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per group (last dim), codes q and fp16 (d, m) with g ~= d * q + m. Starts from the min/max grid,
+    """Per group (last dim), codes q and fp16 (d, m) with g ~= d * q + m: the C++ fit (ember/kernels/group_fit.cpp,
+    the process's default kernel build, so every variant's layers get the same codes), ~10x faster than
+    `_fit_groups_torch`, the same algorithm."""
+    from ember.kernels import load_default
+    return getattr(torch.ops, load_default()).fit_groups(g, levels, FIT_ROUNDS)
+
+
+def _fit_groups_torch(g: torch.Tensor, levels: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The fit in torch ops (the reference the C++ fit is tested against). Starts from the min/max grid,
     then alternates least-squares (d, m) for the codes and codes for (d, m), keeping a group's fit only
     when its squared error drops (like llama.cpp's make_qkx2_quants, without the weighting)."""
     lo, hi = g.amin(-1), g.amax(-1)

@@ -56,6 +56,26 @@ def test_group_gemm_kernel_matches_its_math(bits):
         assert ((w - lin.weight).norm() / lin.weight.norm()).item() < (0.1 if bits == 4 else 0.005)
 
 
+@pytest.mark.parametrize("levels", [15, 255])
+def test_cpp_group_fit_is_the_torch_fit(levels):
+    """The quantizer's per-group fit in C++ (ember/kernels/group_fit.cpp) runs the torch version's algorithm: the same
+    codes, scales and offsets for all but near-tied groups (their sums run in another order), and the same total
+    error; constant groups (d = 0) included."""
+    from ember.layers.quantization import _fit_groups, _fit_groups_torch
+    torch.manual_seed(levels)
+    g = torch.randn(4000, 28, 32) * torch.rand(4000, 28, 1)
+    g[0, 0] = 0.5  # a constant group
+    ours, ref = _fit_groups(g, levels), _fit_groups_torch(g, levels)
+    assert ours[0].dtype == torch.uint8 and ours[1].dtype == ours[2].dtype == torch.float16
+    same = (ours[0] == ref[0]).all(-1) & (ours[1] == ref[1]) & (ours[2] == ref[2])
+    assert same.float().mean() > 0.999 and same[0, 0]  # (measured: 0.9997)
+    assert ours[1][0, 0] == 0 and (ours[0][0, 0] == 0).all()
+
+    def error(r):
+        return ((r[1].float()[..., None] * r[0].float() + r[2].float()[..., None] - g) ** 2).sum()
+    assert abs(error(ours) / error(ref) - 1) < 1e-4
+
+
 @pytest.mark.parametrize("bits", [4, 8])
 def test_select_rows_keeps_the_codes_of_those_rows(bits):
     """GroupQuantLinear.select_rows (a draft model's lm_head cut to --speculative-token-map): the chosen rows, in any

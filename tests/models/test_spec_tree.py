@@ -6,7 +6,7 @@ import random
 import pytest
 import torch
 
-from tests.models.test_speculative import SEED_000, SEED_001, _engine, _kwargs, tiny_step3p5_mtp3_dir  # noqa: F401 (fixture)
+from tests.models.test_speculative import SEED_000, SEED_001, _engine, _kwargs
 from tests.models.checks import assert_pools_empty
 
 
