@@ -170,8 +170,10 @@ def _check_calls(r, names) -> list:
 
 
 def test_tool_choice_required_always_gives_a_valid_call(qwen_server):
+    # (192 tokens: "required" allows several calls, and on one prompt the 0.5B writes two send_email calls, ~120
+    # tokens; its greedy output moves with the w4a8 codes, which the C++ group fit changed for 0.03 % of groups)
     rs = _run_all(qwen_server, lambda p, t: dict(messages=[{"role": "user", "content": p}], tools=TOOLS4,
-                                                 tool_choice="required", max_tokens=96))
+                                                 tool_choice="required", max_tokens=192))
     chosen = [_check_calls(r, set(SCHEMAS)) for r in rs]
     right = sum(names[0] == t for names, (_, t) in zip(chosen, PROMPTS))
     print(f"required: the intended tool first in {right}/{len(PROMPTS)}")
