@@ -25,6 +25,13 @@ DEFAULT_MODEL = "qwen2.5-coder-0.5b"
 BASE_ENV = {"OMP_WAIT_POLICY": "PASSIVE", "GOMP_SPINCOUNT": "3000", "TOKENIZERS_PARALLELISM": "false"}
 
 
+def use_serving_env() -> None:
+    """For a benchmark that runs the engine in its own process: BASE_ENV (the OpenMP settings `ember serve` gives its
+    engine process), where the environment does not set them. Call it before torch loads (libgomp reads them then)."""
+    for k, v in BASE_ENV.items():
+        os.environ.setdefault(k, v)
+
+
 # EMBER_BENCH_ISA=avx2: the AVX2 code paths on an AVX-512 machine (issue 12: measure AVX2 where no AVX2-only
 # machine is at hand): llama.cpp built without AVX-512 (its own build folder), ember with its AVX2 kernels and
 # torch's AVX2 ATen kernels; results go to their own state file and BENCHMARKS.md section.

@@ -9,16 +9,14 @@ It runs under the OpenMP settings `ember serve` gives its engine process (benchm
 """
 from __future__ import annotations
 
-import os
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks.common import BASE_ENV  # noqa: E402
+from benchmarks.common import use_serving_env  # noqa: E402
 
-for _k, _v in BASE_ENV.items():  # the OpenMP settings of `ember serve`'s engine process, before torch loads
-    os.environ.setdefault(_k, _v)
+use_serving_env()  # the OpenMP settings of `ember serve`'s engine process, before torch loads
 
 
 def main() -> None:

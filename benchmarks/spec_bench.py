@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import sys
 import tempfile
@@ -24,12 +23,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-from benchmarks.common import BASE_ENV  # noqa: E402
+from benchmarks.common import use_serving_env  # noqa: E402
 
-# the engine runs in this process: give it the OpenMP settings `ember serve` gives its engine process (a bounded
-# spin, ember/engine/engine_client.py), before torch loads libgomp; an environment that sets them wins
-for _k, _v in BASE_ENV.items():
-    os.environ.setdefault(_k, _v)
+use_serving_env()  # the engine runs in this process, under the OpenMP settings of `ember serve`'s engine process
 
 SETTINGS = {
     "off": {},
@@ -150,7 +146,7 @@ def main():
     ap.add_argument("--output-len", type=int, default=128)
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--kv-gb", type=float, default=1.0)
-    ap.add_argument("--hot-vocab", type=int, default=32768, help="standalone-hot: the token map is ids below this")
+    ap.add_argument("--hot-vocab", type=int, default=32768, help="standalone-hot: the token map holds this many most frequent ids")
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "spec_bench.json"))
     args = ap.parse_args()
     workloads = {"chat": chat_prompts(args.num_prompts), "code-edit": code_edit_prompts(args.num_prompts)}

@@ -66,7 +66,8 @@ class DraftModelDrafter:
         logger.info("draft model %s loaded", cfg.draft_model_path)
 
     def _vocab_logits(self, logits: torch.Tensor) -> torch.Tensor:
-        """The draft's logits over the ids the target can verify ([n, vocab]; -inf outside a token map)."""
+        """The draft's logits over the ids the target can verify ([n, vocab]; -inf outside a token map), for the
+        trees, whose candidates are token ids."""
         if self.hot is None:
             return logits[:, :self.vocab]
         full = logits.new_full((logits.shape[0], self.vocab), float("-inf"))
@@ -111,8 +112,11 @@ class DraftModelDrafter:
                 active = [j for j, i in enumerate(live) if step < caps[i]]
                 if not active:
                     break
-                logits = self._vocab_logits(self.runner.forward([shims[j] for j in active], [lens[j] for j in active]))
-                toks = logits.argmax(dim=-1).tolist()
+                logits = self.runner.forward([shims[j] for j in active], [lens[j] for j in active])
+                if self.hot is None:
+                    logits = logits[:, :self.vocab]
+                best = logits.argmax(dim=-1)  # (with a token map: column j is token hot[j])
+                toks = (best if self.hot is None else self.hot[best]).tolist()
                 # the top token's probability, only where a cut is asked for (a softmax over the vocabulary per step)
                 conf = logits.float().softmax(-1).amax(-1).tolist() if self.min_confidence > 0 else [1.0] * len(toks)
                 for j, t, p in zip(active, toks, conf):
