@@ -25,9 +25,10 @@ def _random_weight(gen, n, k, bits):
     return q, dw, mw
 
 
-# ragged M (not a multiple of the 4-row pass), N (partial tiles of 16 and halves of 8) and K (odd group counts)
+# ragged M (not a multiple of the 4- and 8-row passes), N (partial tiles of 16 and halves of 8) and K (odd group
+# counts)
 SHAPES = [(1, 1, 32), (2, 7, 64), (3, 8, 96), (4, 9, 32), (5, 16, 160), (6, 23, 224), (7, 40, 96), (9, 200, 896),
-          (13, 17, 1536), (1, 1152, 896)]
+          (13, 17, 1536), (1, 1152, 896), (8, 8, 64), (16, 24, 96), (19, 5, 32), (27, 41, 288)]
 
 
 @pytest.mark.parametrize("variant", SIMD)
