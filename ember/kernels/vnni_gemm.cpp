@@ -65,27 +65,60 @@ constexpr int64_t MB = EMBER_VNNI ? 4 : 8;
 constexpr int64_t kPrefetch = 16384;
 
 // Per group of 32: symmetric int8 with scale absmax/127; xs keeps xd * sum(a) for the weights' offset.
-void quantize_activations(const float* x, int64_t M, int64_t K, int8_t* xq, float* xd, float* xs) {
+void quantize_group_scalar(const float* v, int8_t* q, float* xd, float* xs) {
+  float amax = 0.f;
+  for (int64_t k = 0; k < G; ++k) amax = std::fmax(amax, std::fabs(v[k]));
+  const float d = amax / 127.f;
+  const float inv = d > 0.f ? 1.f / d : 0.f;
+  int32_t sum = 0;
+  for (int64_t k = 0; k < G; ++k) {
+    const int32_t a = static_cast<int32_t>(std::nearbyint(v[k] * inv));
+    q[k] = static_cast<int8_t>(a);
+    sum += a;
+  }
+  *xd = d;
+  *xs = d * static_cast<float>(sum);
+}
+
+// The same floats (|x| max, one multiply, round to nearest even) with AVX2: the scalar loop took ~1 ns per input,
+// 18% of a 256-row down_proj GEMM on AVX2.
+void quantize_group(const float* v, int8_t* q, float* xd, float* xs) {
+#if EMBER_VNNI || EMBER_AVX2
+  const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+  __m256 x[4];
+  for (int i = 0; i < 4; ++i) x[i] = _mm256_loadu_ps(v + 8 * i);
+  __m256 mx = _mm256_max_ps(_mm256_max_ps(_mm256_and_ps(x[0], absmask), _mm256_and_ps(x[1], absmask)),
+                            _mm256_max_ps(_mm256_and_ps(x[2], absmask), _mm256_and_ps(x[3], absmask)));
+  __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
+  m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+  m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
+  const float d = _mm_cvtss_f32(m4) / 127.f;
+  const __m256 inv = _mm256_set1_ps(d > 0.f ? 1.f / d : 0.f);
+  __m256i a[4];
+  for (int i = 0; i < 4; ++i)
+    a[i] = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(x[i], inv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  __m256i sum = _mm256_add_epi32(_mm256_add_epi32(a[0], a[1]), _mm256_add_epi32(a[2], a[3]));
+  __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(sum), _mm256_extracti128_si256(sum, 1));
+  s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0x4E));
+  s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0xB1));
+  // int32 -> int8 (|a| <= 127: no saturation); packs work within 128-bit lanes, the permute restores the order
+  const __m256i b = _mm256_packs_epi16(_mm256_packs_epi32(a[0], a[1]), _mm256_packs_epi32(a[2], a[3]));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(q), _mm256_permutevar8x32_epi32(b, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
+  *xd = d;
+  *xs = d * static_cast<float>(_mm_cvtsi128_si32(s4));
+#else
+  quantize_group_scalar(v, q, xd, xs);
+#endif
+}
+
+void quantize_activations(const float* x, int64_t M, int64_t K, int8_t* xq, float* xd, float* xs, bool scalar) {
   const int64_t ng = K / G;
   at::parallel_for(0, M, 16, [&](int64_t m0, int64_t m1) {
-    for (int64_t m = m0; m < m1; ++m) {
+    for (int64_t m = m0; m < m1; ++m)
       for (int64_t g = 0; g < ng; ++g) {
-        const float* v = x + m * K + g * G;
-        float amax = 0.f;
-        for (int64_t k = 0; k < G; ++k) amax = std::fmax(amax, std::fabs(v[k]));
-        const float d = amax / 127.f;
-        const float inv = d > 0.f ? 1.f / d : 0.f;
-        int32_t sum = 0;
-        int8_t* q = xq + m * K + g * G;
-        for (int64_t k = 0; k < G; ++k) {
-          const int32_t a = static_cast<int32_t>(std::nearbyint(v[k] * inv));
-          q[k] = static_cast<int8_t>(a);
-          sum += a;
-        }
-        xd[m * ng + g] = d;
-        xs[m * ng + g] = d * static_cast<float>(sum);
+        const int64_t o = m * K + g * G, i = m * ng + g;
+        (scalar ? quantize_group_scalar : quantize_group)(x + o, xq + o, xd + i, xs + i);
       }
-    }
   });
 }
 
@@ -345,7 +378,7 @@ GroupWeight group_weight(const at::Tensor& qweight, const at::Tensor& dw, const 
 void group_gemm_rows(const float* x, int64_t M, const GroupWeight& w, float* y, int8_t* xq, float* xd, float* xs,
                      bool reference) {
   const int64_t K = w.k, ng = K / G, n = w.n;
-  quantize_activations(x, M, K, xq, xd, xs);
+  quantize_activations(x, M, K, xq, xd, xs, reference);
   const int64_t tile_bytes = ng * (w.bits == 4 ? 256 : 512);
   // Threads claim chunks of tiles from a shared counter rather than a fixed half each: when another process
   // takes one of the cores for a moment (the API server, on a 2-core machine), the other thread does more.

@@ -40,6 +40,8 @@ def test_simd_paths_equal_the_portable_loop_bit_for_bit(variant, bits):
         q, dw, mw = _random_weight(gen, n, k, bits)
         x = torch.randn(m, k, generator=gen) * torch.logspace(-2, 2, m)[:, None]
         x[0, :32] = 0  # an all-zero group (scale 0)
+        x[-1, -32:] = torch.arange(-16, 16) + 0.5  # halves: ties, rounded to even
+        x[-1, -1] = 127  # (scale 1)
         got = ops.group_gemm(x, q, dw, mw, bits, n)
         ref = ops.group_gemm_reference(x, q, dw, mw, bits, n)
         assert got.shape == (m, n)
