@@ -168,58 +168,45 @@ void tile_vnni(const uint8_t* w, const at::Half* dw, const at::Half* mw, int64_t
 #endif
 
 #if EMBER_AVX2 && !EMBER_AVXVNNI
-// 8-bit codes on AVX2 without VNNI: one tile of 16 output rows (two halves of 8) against NM (1..4) activation rows.
-// Each code is split into its two nibbles (a byte times |a| <= 127 would saturate vpmaddubsw's int16 pairs).
+// 8-bit codes on AVX2 without VNNI: one 8-row half of the tile against NM (1..4) activation rows. Each code is
+// split into its two nibbles (a byte times |a| <= 127 would saturate vpmaddubsw's int16 pairs), loaded and split
+// right before its products so that both nibbles' chains of every row stay in registers.
 template <int NM>
 void tile_avx2_8bit(const uint8_t* w, const at::Half* dw, const at::Half* mw, int64_t ng, const int8_t* xq,
                     const float* xd, const float* xs, int64_t K, float* y, int64_t ldy, int64_t rows) {
-  __m256 acc[NM][2];
-  for (int m = 0; m < NM; ++m) acc[m][0] = acc[m][1] = _mm256_setzero_ps();
   const __m256i low4 = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1), sixteen = _mm256_set1_epi16(16);
+  const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
   constexpr int64_t bytes = 512;
-  for (int64_t g = 0; g < ng; ++g) {
-    const uint8_t* p = w + g * bytes;
-    for (int64_t off = 0; off < bytes; off += 64) _mm_prefetch(reinterpret_cast<const char*>(p + kPrefetch + off), _MM_HINT_T0);
-    // codes of both halves (rows 8h..8h+7: bytes 32h..32h+31 of each 64-byte chunk), so that each activation
-    // broadcast serves 16 rows; lo[h][t] / hi[h][t] hold the low / high nibbles for inputs 4t..4t+3
-    __m256i lo[2][8], hi[2][8];
-    __m256 d[2], mn[2];
-    for (int h = 0; h < 2; ++h) {
+  for (int h = 0; h < 2 && 8 * h < rows; ++h) {
+    __m256 acc[NM];
+    for (int m = 0; m < NM; ++m) acc[m] = _mm256_setzero_ps();
+    for (int64_t g = 0; g < ng; ++g) {
+      const uint8_t* p = w + g * bytes;
+      if (h == 0)
+        for (int64_t off = 0; off < bytes; off += 64) _mm_prefetch(reinterpret_cast<const char*>(p + kPrefetch + off), _MM_HINT_T0);
+      __m256i lo16[NM], hi16[NM];
+      for (int m = 0; m < NM; ++m) lo16[m] = hi16[m] = _mm256_setzero_si256();
       for (int t = 0; t < 8; ++t) {
         const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 64 * t + 32 * h));
-        lo[h][t] = _mm256_and_si256(raw, low4);
-        hi[h][t] = _mm256_and_si256(_mm256_srli_epi16(raw, 4), low4);
-      }
-      d[h] = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(dw + g * T + 8 * h)));
-      mn[h] = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(mw + g * T + 8 * h)));
-    }
-    for (int m = 0; m < NM; ++m) {
-      const int8_t* a = xq + m * K + g * G;
-      __m256i s16[2] = {_mm256_setzero_si256(), _mm256_setzero_si256()};
-      __m256i h16[2] = {_mm256_setzero_si256(), _mm256_setzero_si256()};
-      for (int t = 0; t < 8; ++t) {
-        int32_t a4;
-        std::memcpy(&a4, a + 4 * t, 4);
-        const __m256i av = _mm256_set1_epi32(a4);
-        for (int h = 0; h < 2; ++h) {
-          s16[h] = _mm256_add_epi16(s16[h], _mm256_maddubs_epi16(lo[h][t], av));
-          h16[h] = _mm256_add_epi16(h16[h], _mm256_maddubs_epi16(hi[h][t], av));
+        const __m256i lo = _mm256_and_si256(raw, low4), hi = _mm256_and_si256(_mm256_srli_epi16(raw, 4), low4);
+        for (int m = 0; m < NM; ++m) {
+          int32_t a4;
+          std::memcpy(&a4, xq + m * K + g * G + 4 * t, 4);
+          const __m256i av = _mm256_set1_epi32(a4);
+          lo16[m] = _mm256_add_epi16(lo16[m], _mm256_maddubs_epi16(lo, av));
+          hi16[m] = _mm256_add_epi16(hi16[m], _mm256_maddubs_epi16(hi, av));
         }
       }
-      const __m256 xdm = _mm256_set1_ps(xd[m * ng + g]), xsm = _mm256_set1_ps(xs[m * ng + g]);
-      for (int h = 0; h < 2; ++h) {
-        const __m256i s = _mm256_add_epi32(_mm256_madd_epi16(s16[h], ones), _mm256_madd_epi16(h16[h], sixteen));
-        acc[m][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_mul_ps(d[h], xdm), acc[m][h]);
-        acc[m][h] = _mm256_fmadd_ps(mn[h], xsm, acc[m][h]);
+      const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(dw + g * T + 8 * h)));
+      const __m256 mn = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(mw + g * T + 8 * h)));
+      for (int m = 0; m < NM; ++m) {
+        const __m256i s = _mm256_add_epi32(_mm256_madd_epi16(lo16[m], ones), _mm256_madd_epi16(hi16[m], sixteen));
+        acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_mul_ps(d, _mm256_set1_ps(xd[m * ng + g])), acc[m]);
+        acc[m] = _mm256_fmadd_ps(mn, _mm256_set1_ps(xs[m * ng + g]), acc[m]);
       }
     }
-  }
-  for (int h = 0; h < 2; ++h) {
-    const int64_t left = rows - 8 * h;
-    if (left <= 0) break;
-    const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-    const __m256i keep = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int32_t>(std::min<int64_t>(left, 8))), lanes);
-    for (int m = 0; m < NM; ++m) _mm256_maskstore_ps(y + m * ldy + 8 * h, keep, acc[m][h]);
+    const __m256i keep = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int32_t>(std::min<int64_t>(rows - 8 * h, 8))), lanes);
+    for (int m = 0; m < NM; ++m) _mm256_maskstore_ps(y + m * ldy + 8 * h, keep, acc[m]);
   }
 }
 #endif
@@ -228,8 +215,7 @@ void tile_avx2_8bit(const uint8_t* w, const at::Half* dw, const at::Half* mw, in
 // 4-bit codes on AVX2 (and 4- or 8-bit on AVX-VNNI): one 8-row half of the tile at a time; each group's codes are
 // unpacked once into 8 registers and all NM (1..8) activation rows pass over them, their chains interleaved. Per
 // 256 multiply-adds that is 8 vpmaddubsw + 8 vpaddw + the epilogue. Unpacking both halves per group (16 registers,
-// spilled) for at most 4 rows, as tile_avx2_8bit does, ran at 74 GMAC/s per core on a Xeon against 92 for this
-// (4-bit gate/up shape, M=240). Same integers and the same float epilogue in the same order as every other path.
+// spilled) for at most 4 rows ran at 74 GMAC/s per core on a Xeon against 92 for this (4-bit gate/up, M=240). Same integers and the same float epilogue in the same order as every other path.
 template <int BITS, int NM>
 void tile_avx2_rows(const uint8_t* w, const at::Half* dw, const at::Half* mw, int64_t ng, const int8_t* xq,
                     const float* xd, const float* xs, int64_t K, float* y, int64_t ldy, int64_t rows) {
