@@ -167,6 +167,32 @@ void tile_vnni(const uint8_t* w, const at::Half* dw, const at::Half* mw, int64_t
 }
 #endif
 
+#if EMBER_AVX2
+// Shared by the AVX2 half tiles below (rows 8h..8h+7 of a tile of 16).
+inline void prefetch_group(const uint8_t* p, int64_t bytes) {
+  for (int64_t off = 0; off < bytes; off += 64) _mm_prefetch(reinterpret_cast<const char*>(p + kPrefetch + off), _MM_HINT_T0);
+}
+
+// acc[m] += s[m] * (dw * xd) + mw * xs for group g: the float epilogue of every path, in the same order
+template <int NM>
+inline void group_epilogue(__m256* acc, const __m256i* s, const at::Half* dw, const at::Half* mw, const float* xd,
+                           const float* xs, int64_t ng, int64_t g, int h) {
+  const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(dw + g * T + 8 * h)));
+  const __m256 mn = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(mw + g * T + 8 * h)));
+  for (int m = 0; m < NM; ++m) {
+    acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s[m]), _mm256_mul_ps(d, _mm256_set1_ps(xd[m * ng + g])), acc[m]);
+    acc[m] = _mm256_fmadd_ps(mn, _mm256_set1_ps(xs[m * ng + g]), acc[m]);
+  }
+}
+
+template <int NM>
+inline void store_half(const __m256* acc, float* y, int64_t ldy, int64_t rows, int h) {
+  const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  const __m256i keep = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int32_t>(std::min<int64_t>(rows - 8 * h, 8))), lanes);
+  for (int m = 0; m < NM; ++m) _mm256_maskstore_ps(y + m * ldy + 8 * h, keep, acc[m]);
+}
+#endif
+
 #if EMBER_AVX2 && !EMBER_AVXVNNI
 // 8-bit codes on AVX2 without VNNI: one 8-row half of the tile against NM (1..4) activation rows. Each code is
 // split into its two nibbles (a byte times |a| <= 127 would saturate vpmaddubsw's int16 pairs), loaded and split
@@ -175,15 +201,13 @@ template <int NM>
 void tile_avx2_8bit(const uint8_t* w, const at::Half* dw, const at::Half* mw, int64_t ng, const int8_t* xq,
                     const float* xd, const float* xs, int64_t K, float* y, int64_t ldy, int64_t rows) {
   const __m256i low4 = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1), sixteen = _mm256_set1_epi16(16);
-  const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
   constexpr int64_t bytes = 512;
   for (int h = 0; h < 2 && 8 * h < rows; ++h) {
     __m256 acc[NM];
     for (int m = 0; m < NM; ++m) acc[m] = _mm256_setzero_ps();
     for (int64_t g = 0; g < ng; ++g) {
       const uint8_t* p = w + g * bytes;
-      if (h == 0)
-        for (int64_t off = 0; off < bytes; off += 64) _mm_prefetch(reinterpret_cast<const char*>(p + kPrefetch + off), _MM_HINT_T0);
+      if (h == 0) prefetch_group(p, bytes);
       __m256i lo16[NM], hi16[NM];
       for (int m = 0; m < NM; ++m) lo16[m] = hi16[m] = _mm256_setzero_si256();
       for (int t = 0; t < 8; ++t) {
@@ -197,16 +221,12 @@ void tile_avx2_8bit(const uint8_t* w, const at::Half* dw, const at::Half* mw, in
           hi16[m] = _mm256_add_epi16(hi16[m], _mm256_maddubs_epi16(hi, av));
         }
       }
-      const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(dw + g * T + 8 * h)));
-      const __m256 mn = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(mw + g * T + 8 * h)));
-      for (int m = 0; m < NM; ++m) {
-        const __m256i s = _mm256_add_epi32(_mm256_madd_epi16(lo16[m], ones), _mm256_madd_epi16(hi16[m], sixteen));
-        acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_mul_ps(d, _mm256_set1_ps(xd[m * ng + g])), acc[m]);
-        acc[m] = _mm256_fmadd_ps(mn, _mm256_set1_ps(xs[m * ng + g]), acc[m]);
-      }
+      __m256i s[NM];
+      for (int m = 0; m < NM; ++m)
+        s[m] = _mm256_add_epi32(_mm256_madd_epi16(lo16[m], ones), _mm256_madd_epi16(hi16[m], sixteen));
+      group_epilogue<NM>(acc, s, dw, mw, xd, xs, ng, g, h);
     }
-    const __m256i keep = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int32_t>(std::min<int64_t>(rows - 8 * h, 8))), lanes);
-    for (int m = 0; m < NM; ++m) _mm256_maskstore_ps(y + m * ldy + 8 * h, keep, acc[m]);
+    store_half<NM>(acc, y, ldy, rows, h);
   }
 }
 #endif
@@ -221,15 +241,13 @@ void tile_avx2_rows(const uint8_t* w, const at::Half* dw, const at::Half* mw, in
                     const float* xd, const float* xs, int64_t K, float* y, int64_t ldy, int64_t rows) {
   static_assert(BITS == 4 || EMBER_AVXVNNI, "8-bit codes without VNNI use tile_avx2_8bit");
   const __m256i low4 = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
-  const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
   constexpr int64_t bytes = BITS == 4 ? 256 : 512;
   for (int h = 0; h < 2 && 8 * h < rows; ++h) {
     __m256 acc[NM];
     for (int m = 0; m < NM; ++m) acc[m] = _mm256_setzero_ps();
     for (int64_t g = 0; g < ng; ++g) {
       const uint8_t* p = w + g * bytes;
-      if (h == 0)
-        for (int64_t off = 0; off < bytes; off += 64) _mm_prefetch(reinterpret_cast<const char*>(p + kPrefetch + off), _MM_HINT_T0);
+      if (h == 0) prefetch_group(p, bytes);
       __m256i c8[8];  // codes of rows 8h..8h+7 for inputs 4t..4t+3
       for (int c = 0; c < bytes / 64; ++c) {
         const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 64 * c + 32 * h));
@@ -253,16 +271,11 @@ void tile_avx2_rows(const uint8_t* w, const at::Half* dw, const at::Half* mw, in
           s[m] = _mm256_add_epi16(s[m], _mm256_maddubs_epi16(c8[t], av));
 #endif
         }
-      const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(dw + g * T + 8 * h)));
-      const __m256 mn = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(mw + g * T + 8 * h)));
-      for (int m = 0; m < NM; ++m) {
-        const __m256i s32 = EMBER_AVXVNNI ? s[m] : _mm256_madd_epi16(s[m], ones);
-        acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s32), _mm256_mul_ps(d, _mm256_set1_ps(xd[m * ng + g])), acc[m]);
-        acc[m] = _mm256_fmadd_ps(mn, _mm256_set1_ps(xs[m * ng + g]), acc[m]);
-      }
+      if constexpr (!EMBER_AVXVNNI)
+        for (int m = 0; m < NM; ++m) s[m] = _mm256_madd_epi16(s[m], ones);  // int16 pairs -> int32 per row
+      group_epilogue<NM>(acc, s, dw, mw, xd, xs, ng, g, h);
     }
-    const __m256i keep = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int32_t>(std::min<int64_t>(rows - 8 * h, 8))), lanes);
-    for (int m = 0; m < NM; ++m) _mm256_maskstore_ps(y + m * ldy + 8 * h, keep, acc[m]);
+    store_half<NM>(acc, y, ldy, rows, h);
   }
 }
 
