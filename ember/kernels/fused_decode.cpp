@@ -139,6 +139,79 @@ void axpy(float* y, float a, const float* x, int64_t n) {
   for (int64_t i = 0; i < n; ++i) y[i] += a * x[i];
 }
 
+#if EMBER_AVX512 || EMBER_AVX2
+// Lane u = the sum of a[u]'s eight lanes.
+inline __m256 hsum8x8(const __m256* a) {
+  const __m256 t0 = _mm256_hadd_ps(a[0], a[1]), t1 = _mm256_hadd_ps(a[2], a[3]);
+  const __m256 t2 = _mm256_hadd_ps(a[4], a[5]), t3 = _mm256_hadd_ps(a[6], a[7]);
+  const __m256 u0 = _mm256_hadd_ps(t0, t1), u1 = _mm256_hadd_ps(t2, t3);
+  return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
+}
+
+// out[0, 8 NC) = sum_j p[j] * v_j: the row's value vectors (slots, kv head g) weighted, accumulated in registers
+// in slot order with the same fma per element as `axpy` into memory would do.
+template <int NC>
+void weighted_sum(const float* p, const float* v_cache, const int64_t* slots, int64_t n, int64_t stride,
+                  int64_t off, float* out) {
+  __m256 o[NC];
+  for (int c = 0; c < NC; ++c) o[c] = _mm256_setzero_ps();
+  for (int64_t j = 0; j < n; ++j) {
+    const __m256 w = _mm256_set1_ps(p[j]);
+    const float* v = v_cache + slots[j] * stride + off;
+    for (int c = 0; c < NC; ++c) o[c] = _mm256_fmadd_ps(w, _mm256_loadu_ps(v + 8 * c), o[c]);
+  }
+  for (int c = 0; c < NC; ++c) _mm256_storeu_ps(out + 8 * c, o[c]);
+}
+#endif
+
+// sc[j] = (q . k_j) * scale over the row's n slots (kv head g of Hkv, head size D). Eight keys at a time, each
+// with its own accumulator (one chain of FMAs per key waited on the FMA latency: ~40 cycles per key and head).
+void attention_scores(const float* q, const float* k_cache, const int64_t* slots, int64_t n, int64_t Hkv, int64_t g,
+                      int64_t D, float scale, float* sc) {
+  int64_t j = 0;
+#if EMBER_AVX512 || EMBER_AVX2
+  if (D % 8 == 0) {
+    const __m256 sv = _mm256_set1_ps(scale);
+    for (; j + 8 <= n; j += 8) {
+      const float* k[8];
+      __m256 acc[8];
+      for (int u = 0; u < 8; ++u) k[u] = k_cache + (slots[j + u] * Hkv + g) * D, acc[u] = _mm256_setzero_ps();
+      for (int64_t d = 0; d < D; d += 8) {
+        const __m256 qv = _mm256_loadu_ps(q + d);
+        for (int u = 0; u < 8; ++u) acc[u] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k[u] + d), acc[u]);
+      }
+      _mm256_storeu_ps(sc + j, _mm256_mul_ps(hsum8x8(acc), sv));
+    }
+  }
+#endif
+  for (; j < n; ++j) sc[j] = dot(q, k_cache + (slots[j] * Hkv + g) * D, D) * scale;
+}
+
+// out = sum_j p[j] * v_j over the row's n slots (kv head g), in slot order.
+void attention_values(const float* p, const float* v_cache, const int64_t* slots, int64_t n, int64_t Hkv, int64_t g,
+                      int64_t D, float* out) {
+#if EMBER_AVX512 || EMBER_AVX2
+  if (D % 8 == 0) {
+    for (int64_t d0 = 0; d0 < D; d0 += 64) {  // up to 8 registers of the output at a time
+      const int64_t off = g * D + d0, stride = Hkv * D;
+      switch (std::min<int64_t>(8, (D - d0) / 8)) {
+        case 1: weighted_sum<1>(p, v_cache, slots, n, stride, off, out + d0); break;
+        case 2: weighted_sum<2>(p, v_cache, slots, n, stride, off, out + d0); break;
+        case 3: weighted_sum<3>(p, v_cache, slots, n, stride, off, out + d0); break;
+        case 4: weighted_sum<4>(p, v_cache, slots, n, stride, off, out + d0); break;
+        case 5: weighted_sum<5>(p, v_cache, slots, n, stride, off, out + d0); break;
+        case 6: weighted_sum<6>(p, v_cache, slots, n, stride, off, out + d0); break;
+        case 7: weighted_sum<7>(p, v_cache, slots, n, stride, off, out + d0); break;
+        default: weighted_sum<8>(p, v_cache, slots, n, stride, off, out + d0);
+      }
+    }
+    return;
+  }
+#endif
+  std::fill(out, out + D, 0.f);
+  for (int64_t j = 0; j < n; ++j) axpy(out, p[j], v_cache + (slots[j] * Hkv + g) * D, D);
+}
+
 void rms_norm(const float* x, const float* w, float* y, int64_t n, float eps) {
   float ss = 0.f;
   for (int64_t i = 0; i < n; ++i) ss += x[i] * x[i];
@@ -307,14 +380,11 @@ class DecodeStack : public torch::CustomClassHolder {
           const int64_t* row_slots = sp + b * W;
           float* sc = scp + t * W;
           float mx = -std::numeric_limits<float>::infinity();
-          for (int64_t j = 0; j < n; ++j) {
-            sc[j] = dot(q, layer.k_cache + (row_slots[j] * Hkv + g) * D, D) * scale_;
-            mx = std::max(mx, sc[j]);
-          }
+          attention_scores(q, layer.k_cache, row_slots, n, Hkv, g, D, scale_, sc);
+          for (int64_t j = 0; j < n; ++j) mx = std::max(mx, sc[j]);
           const float inv = 1.f / exp_shifted(sc, n, mx);
-          float* out = ap + b * H * D + head * D;
-          std::fill(out, out + D, 0.f);
-          for (int64_t j = 0; j < n; ++j) axpy(out, sc[j] * inv, layer.v_cache + (row_slots[j] * Hkv + g) * D, D);
+          for (int64_t j = 0; j < n; ++j) sc[j] *= inv;
+          attention_values(sc, layer.v_cache, row_slots, n, Hkv, g, D, ap + b * H * D + head * D);
         }
       });
       gemm(ap, layer.o, tp);
