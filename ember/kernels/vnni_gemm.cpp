@@ -191,6 +191,25 @@ inline void store_half(const __m256* acc, float* y, int64_t ldy, int64_t rows, i
   const __m256i keep = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int32_t>(std::min<int64_t>(rows - 8 * h, 8))), lanes);
   for (int m = 0; m < NM; ++m) _mm256_maskstore_ps(y + m * ldy + 8 * h, keep, acc[m]);
 }
+
+// The half tiles' loops: for each 8-row half (h) and group (g), sums(p, h, g, s) fills the NM rows' int32 sums
+// from the group's codes p, then the shared float epilogue; each half is stored when its groups are done.
+template <int NM, class Sums>
+inline void half_tiles(const uint8_t* w, int64_t bytes, const at::Half* dw, const at::Half* mw, int64_t ng,
+                       const float* xd, const float* xs, float* y, int64_t ldy, int64_t rows, Sums sums) {
+  for (int h = 0; h < 2 && 8 * h < rows; ++h) {
+    __m256 acc[NM];
+    for (int m = 0; m < NM; ++m) acc[m] = _mm256_setzero_ps();
+    for (int64_t g = 0; g < ng; ++g) {
+      const uint8_t* p = w + g * bytes;
+      if (h == 0) prefetch_group(p, bytes);
+      __m256i s[NM];
+      sums(p, h, g, s);
+      group_epilogue<NM>(acc, s, dw, mw, xd, xs, ng, g, h);
+    }
+    store_half<NM>(acc, y, ldy, rows, h);
+  }
+}
 #endif
 
 #if EMBER_AVX2 && !EMBER_AVXVNNI
@@ -201,33 +220,23 @@ template <int NM>
 void tile_avx2_8bit(const uint8_t* w, const at::Half* dw, const at::Half* mw, int64_t ng, const int8_t* xq,
                     const float* xd, const float* xs, int64_t K, float* y, int64_t ldy, int64_t rows) {
   const __m256i low4 = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1), sixteen = _mm256_set1_epi16(16);
-  constexpr int64_t bytes = 512;
-  for (int h = 0; h < 2 && 8 * h < rows; ++h) {
-    __m256 acc[NM];
-    for (int m = 0; m < NM; ++m) acc[m] = _mm256_setzero_ps();
-    for (int64_t g = 0; g < ng; ++g) {
-      const uint8_t* p = w + g * bytes;
-      if (h == 0) prefetch_group(p, bytes);
-      __m256i lo16[NM], hi16[NM];
-      for (int m = 0; m < NM; ++m) lo16[m] = hi16[m] = _mm256_setzero_si256();
-      for (int t = 0; t < 8; ++t) {
-        const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 64 * t + 32 * h));
-        const __m256i lo = _mm256_and_si256(raw, low4), hi = _mm256_and_si256(_mm256_srli_epi16(raw, 4), low4);
-        for (int m = 0; m < NM; ++m) {
-          int32_t a4;
-          std::memcpy(&a4, xq + m * K + g * G + 4 * t, 4);
-          const __m256i av = _mm256_set1_epi32(a4);
-          lo16[m] = _mm256_add_epi16(lo16[m], _mm256_maddubs_epi16(lo, av));
-          hi16[m] = _mm256_add_epi16(hi16[m], _mm256_maddubs_epi16(hi, av));
-        }
+  half_tiles<NM>(w, 512, dw, mw, ng, xd, xs, y, ldy, rows, [&](const uint8_t* p, int h, int64_t g, __m256i* s) {
+    __m256i lo16[NM], hi16[NM];
+    for (int m = 0; m < NM; ++m) lo16[m] = hi16[m] = _mm256_setzero_si256();
+    for (int t = 0; t < 8; ++t) {
+      const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 64 * t + 32 * h));
+      const __m256i lo = _mm256_and_si256(raw, low4), hi = _mm256_and_si256(_mm256_srli_epi16(raw, 4), low4);
+      for (int m = 0; m < NM; ++m) {
+        int32_t a4;
+        std::memcpy(&a4, xq + m * K + g * G + 4 * t, 4);
+        const __m256i av = _mm256_set1_epi32(a4);
+        lo16[m] = _mm256_add_epi16(lo16[m], _mm256_maddubs_epi16(lo, av));
+        hi16[m] = _mm256_add_epi16(hi16[m], _mm256_maddubs_epi16(hi, av));
       }
-      __m256i s[NM];
-      for (int m = 0; m < NM; ++m)
-        s[m] = _mm256_add_epi32(_mm256_madd_epi16(lo16[m], ones), _mm256_madd_epi16(hi16[m], sixteen));
-      group_epilogue<NM>(acc, s, dw, mw, xd, xs, ng, g, h);
     }
-    store_half<NM>(acc, y, ldy, rows, h);
-  }
+    for (int m = 0; m < NM; ++m)
+      s[m] = _mm256_add_epi32(_mm256_madd_epi16(lo16[m], ones), _mm256_madd_epi16(hi16[m], sixteen));
+  });
 }
 #endif
 
@@ -235,48 +244,40 @@ void tile_avx2_8bit(const uint8_t* w, const at::Half* dw, const at::Half* mw, in
 // 4-bit codes on AVX2 (and 4- or 8-bit on AVX-VNNI): one 8-row half of the tile at a time; each group's codes are
 // unpacked once into 8 registers and all NM (1..8) activation rows pass over them, their chains interleaved. Per
 // 256 multiply-adds that is 8 vpmaddubsw + 8 vpaddw + the epilogue. Unpacking both halves per group (16 registers,
-// spilled) for at most 4 rows ran at 74 GMAC/s per core on a Xeon against 92 for this (4-bit gate/up, M=240). Same integers and the same float epilogue in the same order as every other path.
+// spilled) for at most 4 rows ran at 74 GMAC/s per core on a Xeon against 92 for this (4-bit gate/up, M=240).
+// Same integers and the same float epilogue in the same order as every other path.
 template <int BITS, int NM>
 void tile_avx2_rows(const uint8_t* w, const at::Half* dw, const at::Half* mw, int64_t ng, const int8_t* xq,
                     const float* xd, const float* xs, int64_t K, float* y, int64_t ldy, int64_t rows) {
   static_assert(BITS == 4 || EMBER_AVXVNNI, "8-bit codes without VNNI use tile_avx2_8bit");
   const __m256i low4 = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
   constexpr int64_t bytes = BITS == 4 ? 256 : 512;
-  for (int h = 0; h < 2 && 8 * h < rows; ++h) {
-    __m256 acc[NM];
-    for (int m = 0; m < NM; ++m) acc[m] = _mm256_setzero_ps();
-    for (int64_t g = 0; g < ng; ++g) {
-      const uint8_t* p = w + g * bytes;
-      if (h == 0) prefetch_group(p, bytes);
-      __m256i c8[8];  // codes of rows 8h..8h+7 for inputs 4t..4t+3
-      for (int c = 0; c < bytes / 64; ++c) {
-        const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 64 * c + 32 * h));
-        if constexpr (BITS == 4) {
-          c8[c] = _mm256_and_si256(raw, low4);
-          c8[c + 4] = _mm256_and_si256(_mm256_srli_epi16(raw, 4), low4);
-        } else {
-          c8[c] = raw;
-        }
+  half_tiles<NM>(w, bytes, dw, mw, ng, xd, xs, y, ldy, rows, [&](const uint8_t* p, int h, int64_t g, __m256i* s) {
+    __m256i c8[8];  // codes of rows 8h..8h+7 for inputs 4t..4t+3
+    for (int c = 0; c < bytes / 64; ++c) {
+      const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 64 * c + 32 * h));
+      if constexpr (BITS == 4) {
+        c8[c] = _mm256_and_si256(raw, low4);
+        c8[c + 4] = _mm256_and_si256(_mm256_srli_epi16(raw, 4), low4);
+      } else {
+        c8[c] = raw;
       }
-      __m256i s[NM];
-      for (int m = 0; m < NM; ++m) s[m] = _mm256_setzero_si256();
-      for (int t = 0; t < 8; ++t)
-        for (int m = 0; m < NM; ++m) {
-          int32_t a4;
-          std::memcpy(&a4, xq + m * K + g * G + 4 * t, 4);
-          const __m256i av = _mm256_set1_epi32(a4);
-#if EMBER_AVXVNNI
-          s[m] = _mm256_dpbusd_avx_epi32(s[m], c8[t], av);
-#else
-          s[m] = _mm256_add_epi16(s[m], _mm256_maddubs_epi16(c8[t], av));
-#endif
-        }
-      if constexpr (!EMBER_AVXVNNI)
-        for (int m = 0; m < NM; ++m) s[m] = _mm256_madd_epi16(s[m], ones);  // int16 pairs -> int32 per row
-      group_epilogue<NM>(acc, s, dw, mw, xd, xs, ng, g, h);
     }
-    store_half<NM>(acc, y, ldy, rows, h);
-  }
+    for (int m = 0; m < NM; ++m) s[m] = _mm256_setzero_si256();
+    for (int t = 0; t < 8; ++t)
+      for (int m = 0; m < NM; ++m) {
+        int32_t a4;
+        std::memcpy(&a4, xq + m * K + g * G + 4 * t, 4);
+        const __m256i av = _mm256_set1_epi32(a4);
+#if EMBER_AVXVNNI
+        s[m] = _mm256_dpbusd_avx_epi32(s[m], c8[t], av);
+#else
+        s[m] = _mm256_add_epi16(s[m], _mm256_maddubs_epi16(c8[t], av));
+#endif
+      }
+    if constexpr (!EMBER_AVXVNNI)
+      for (int m = 0; m < NM; ++m) s[m] = _mm256_madd_epi16(s[m], ones);  // int16 pairs -> int32 per row
+  });
 }
 
 template <int BITS>
