@@ -148,15 +148,15 @@ inline __m256 hsum8x8(const __m256* a) {
   return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
 }
 
-// out[0, 8 NC) = sum_j p[j] * v_j: the row's value vectors (slots, kv head g) weighted, accumulated in registers
-// in slot order with the same fma per element as `axpy` into memory would do.
+// out[0, 8 NC) = sum_j p[j] * inv * v_j: the row's value vectors (slots, kv head g) weighted, accumulated in
+// registers in slot order with the same fma per element as `axpy` into memory would do.
 template <int NC>
-void weighted_sum(const float* p, const float* v_cache, const int64_t* slots, int64_t n, int64_t stride,
+void weighted_sum(const float* p, float inv, const float* v_cache, const int64_t* slots, int64_t n, int64_t stride,
                   int64_t off, float* out) {
   __m256 o[NC];
   for (int c = 0; c < NC; ++c) o[c] = _mm256_setzero_ps();
   for (int64_t j = 0; j < n; ++j) {
-    const __m256 w = _mm256_set1_ps(p[j]);
+    const __m256 w = _mm256_set1_ps(p[j] * inv);
     const float* v = v_cache + slots[j] * stride + off;
     for (int c = 0; c < NC; ++c) o[c] = _mm256_fmadd_ps(w, _mm256_loadu_ps(v + 8 * c), o[c]);
   }
@@ -187,29 +187,20 @@ void attention_scores(const float* q, const float* k_cache, const int64_t* slots
   for (; j < n; ++j) sc[j] = dot(q, k_cache + (slots[j] * Hkv + g) * D, D) * scale;
 }
 
-// out = sum_j p[j] * v_j over the row's n slots (kv head g), in slot order.
-void attention_values(const float* p, const float* v_cache, const int64_t* slots, int64_t n, int64_t Hkv, int64_t g,
+// out = sum_j p[j] * inv * v_j over the row's n slots (kv head g), in slot order.
+void attention_values(const float* p, float inv, const float* v_cache, const int64_t* slots, int64_t n, int64_t Hkv, int64_t g,
                       int64_t D, float* out) {
 #if EMBER_AVX512 || EMBER_AVX2
   if (D % 8 == 0) {
     for (int64_t d0 = 0; d0 < D; d0 += 64) {  // up to 8 registers of the output at a time
       const int64_t off = g * D + d0, stride = Hkv * D;
-      switch (std::min<int64_t>(8, (D - d0) / 8)) {
-        case 1: weighted_sum<1>(p, v_cache, slots, n, stride, off, out + d0); break;
-        case 2: weighted_sum<2>(p, v_cache, slots, n, stride, off, out + d0); break;
-        case 3: weighted_sum<3>(p, v_cache, slots, n, stride, off, out + d0); break;
-        case 4: weighted_sum<4>(p, v_cache, slots, n, stride, off, out + d0); break;
-        case 5: weighted_sum<5>(p, v_cache, slots, n, stride, off, out + d0); break;
-        case 6: weighted_sum<6>(p, v_cache, slots, n, stride, off, out + d0); break;
-        case 7: weighted_sum<7>(p, v_cache, slots, n, stride, off, out + d0); break;
-        default: weighted_sum<8>(p, v_cache, slots, n, stride, off, out + d0);
-      }
+      with_rows<8>((D - d0) / 8, [&](auto nc) { weighted_sum<nc.value>(p, inv, v_cache, slots, n, stride, off, out + d0); });
     }
     return;
   }
 #endif
   std::fill(out, out + D, 0.f);
-  for (int64_t j = 0; j < n; ++j) axpy(out, p[j], v_cache + (slots[j] * Hkv + g) * D, D);
+  for (int64_t j = 0; j < n; ++j) axpy(out, p[j] * inv, v_cache + (slots[j] * Hkv + g) * D, D);
 }
 
 void rms_norm(const float* x, const float* w, float* y, int64_t n, float eps) {
@@ -383,8 +374,7 @@ class DecodeStack : public torch::CustomClassHolder {
           attention_scores(q, layer.k_cache, row_slots, n, Hkv, g, D, scale_, sc);
           for (int64_t j = 0; j < n; ++j) mx = std::max(mx, sc[j]);
           const float inv = 1.f / exp_shifted(sc, n, mx);
-          for (int64_t j = 0; j < n; ++j) sc[j] *= inv;
-          attention_values(sc, layer.v_cache, row_slots, n, Hkv, g, D, ap + b * H * D + head * D);
+          attention_values(sc, inv, layer.v_cache, row_slots, n, Hkv, g, D, ap + b * H * D + head * D);
         }
       });
       gemm(ap, layer.o, tp);

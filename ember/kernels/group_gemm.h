@@ -4,6 +4,7 @@
 #include <ATen/ATen.h>
 
 #include <cstdint>
+#include <type_traits>
 
 // Each build variant (ember/kernels/__init__.py: avx512, avx2, portable) is compiled into its own C++ and
 // torch namespace, so that several variants can live in one process (the tests compare them).
@@ -14,6 +15,16 @@
 namespace EMBER_NS {
 
 constexpr int64_t kGroup = 32;  // inputs per quantization group
+
+// f(std::integral_constant<int, k>{}) with k = min(n, Max), n >= 1: a run-time row count as a template argument
+// (kernels keep that many rows' accumulators in registers).
+template <int Max, class F>
+inline void with_rows(int64_t n, F&& f) {
+  if constexpr (Max > 1) {
+    if (n < Max) return with_rows<Max - 1>(n, f);
+  }
+  f(std::integral_constant<int, Max>{});
+}
 
 // A weight [n, k] in the tile layout of vnni_gemm.cpp (4 or 8 bits per code, fp16 scale and offset).
 struct GroupWeight {
