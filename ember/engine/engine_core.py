@@ -229,7 +229,8 @@ class EngineCore:
         if ready:
             reqs = [batch.reqs[i] for i in ready]
             mask = self.grammar.bitmask([r.grammar for r in reqs]) if any(r.grammar for r in reqs) else None
-            next_ids, logprobs = self.sampler.sample(logits[ready], reqs, mask)
+            rows = logits if len(ready) == logits.shape[0] else logits[ready]  # (a [B, V] copy only when needed)
+            next_ids, logprobs = self.sampler.sample(rows, reqs, mask)
             for j, (req, tok) in enumerate(zip(reqs, next_ids)):
                 self._append_token(req, tok, logprobs[j] if logprobs else None)
                 if req.finished:

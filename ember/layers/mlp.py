@@ -25,5 +25,9 @@ class GatedMLP(nn.Module):
         self.act = ACTIVATIONS[act]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)
+        gate_up = self.gate_up_proj(x)
+        ns = getattr(self.down_proj, "kernel_ns", None)  # w4a8 on CPU: the fused decode step's silu(gate) * up
+        if ns is not None and self.act is F.silu and gate_up.dtype == torch.float32:
+            return self.down_proj(getattr(torch.ops, ns).silu_and_mul(gate_up))
+        gate, up = gate_up.split(self.intermediate_size, dim=-1)
         return self.down_proj(self.act(gate) * up)
