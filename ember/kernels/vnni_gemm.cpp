@@ -60,9 +60,21 @@ constexpr int64_t T = 16;      // output rows per tile
 // activation rows per pass over a weight tile: AVX2 holds half a tile's codes in registers and reuses them for more
 // rows (its products cost more ops than vpdpbusd, so unpacking is worth amortizing further)
 constexpr int64_t MB = EMBER_VNNI ? 4 : 8;
-// How far ahead of the group being read its weights are prefetched. The hardware prefetchers stop at 4 KB
-// pages; 1 KB ahead reached ~8 GB/s per socket on a 2-core Xeon VM, 16 KB ahead ~14 GB/s (32-64 KB: no better).
-constexpr int64_t kPrefetch = 16384;
+// Weights are prefetched twice: into L2 16 KB ahead of the group being read (the hardware prefetchers stop at 4 KB
+// pages; 1 KB ahead reached ~8 GB/s per socket on a 2-core Xeon VM, 16 KB ~14 GB/s, 32-64 KB no better), and into L1
+// 2 KB ahead. Everything into L1 16 KB ahead held L1 fill buffers for the whole trip from memory; the two levels took
+// a Qwen2.5-1.5B w4a8 step from ~47.6 to ~44.0 ms at 1 row and ~59 to ~51.4 ms at 4 rows (a speculative verify),
+// where the multiply-adds had stopped the weight stream instead of overlapping it.
+constexpr int64_t kPrefetchFar = 16384, kPrefetchNear = 2048;
+
+#if EMBER_VNNI || EMBER_AVX2
+inline void prefetch_group(const uint8_t* p, int64_t bytes) {
+  for (int64_t off = 0; off < bytes; off += 64) {
+    _mm_prefetch(reinterpret_cast<const char*>(p + kPrefetchNear + off), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(p + kPrefetchFar + off), _MM_HINT_T2);
+  }
+}
+#endif
 
 // Per group of 32: symmetric int8 with scale absmax/127; xs keeps xd * sum(a) for the weights' offset.
 void quantize_group_scalar(const float* v, int8_t* q, float* xd, float* xs) {
@@ -133,7 +145,7 @@ void tile_vnni(const uint8_t* w, const at::Half* dw, const at::Half* mw, int64_t
   constexpr int64_t bytes = BITS == 4 ? 256 : 512;
   for (int64_t g = 0; g < ng; ++g) {
     const uint8_t* p = w + g * bytes;
-    for (int64_t off = 0; off < bytes; off += 64) _mm_prefetch(reinterpret_cast<const char*>(p + kPrefetch + off), _MM_HINT_T0);
+    prefetch_group(p, bytes);
     __m512i wv[8];
     if constexpr (BITS == 4) {
       for (int c = 0; c < 4; ++c) {
@@ -169,9 +181,6 @@ void tile_vnni(const uint8_t* w, const at::Half* dw, const at::Half* mw, int64_t
 
 #if EMBER_AVX2
 // Shared by the AVX2 half tiles below (rows 8h..8h+7 of a tile of 16).
-inline void prefetch_group(const uint8_t* p, int64_t bytes) {
-  for (int64_t off = 0; off < bytes; off += 64) _mm_prefetch(reinterpret_cast<const char*>(p + kPrefetch + off), _MM_HINT_T0);
-}
 
 // acc[m] += s[m] * (dw * xd) + mw * xs for group g: the float epilogue of every path, in the same order
 template <int NM>
