@@ -23,23 +23,25 @@ class Sampler:
     def _col(self, values, dtype=torch.float32):
         return torch.tensor(values, dtype=dtype, device=self.device).unsqueeze(1)
 
-    @staticmethod
-    def edits(reqs: list[Req]) -> bool:
-        """Whether apply_penalties_and_bias changes anything for these requests."""
-        return any(r.sampling.logit_bias or r.num_output < r.sampling.min_new_tokens or r.sampling.frequency_penalty
-                   or r.sampling.presence_penalty or r.sampling.repetition_penalty != 1.0 for r in reqs)
-
     def apply_penalties_and_bias(self, logits: torch.Tensor, reqs: list[Req]) -> torch.Tensor:
+        """logits with logit_bias, min_tokens and the penalties applied: a copy when any applies, else logits itself
+        (greedy rows with nothing to apply need no [B, V] copy)."""
         B, V = logits.shape
         sps = [r.sampling for r in reqs]
-        if any(sp.logit_bias for sp in sps):
+        bias = any(sp.logit_bias for sp in sps)
+        ban = [i for i, (r, sp) in enumerate(zip(reqs, sps)) if r.num_output < sp.min_new_tokens]
+        counted = any(sp.frequency_penalty or sp.presence_penalty for sp in sps)
+        repetition = any(sp.repetition_penalty != 1.0 for sp in sps)
+        if not (bias or ban or counted or repetition):
+            return logits
+        logits = logits.clone()
+        if bias:
             rows, cols, vals = [], [], []
             for i, sp in enumerate(sps):
                 for tok, bias in sp.logit_bias.items():
                     if tok < V:
                         rows.append(i), cols.append(tok), vals.append(bias)
             logits[rows, cols] += torch.tensor(vals, device=logits.device)
-        ban = [i for i, (r, sp) in enumerate(zip(reqs, sps)) if r.num_output < sp.min_new_tokens]
         if ban:
             stop_ids = set(self.eos_token_ids)
             for i in ban:
@@ -48,13 +50,13 @@ class Sampler:
         # Penalties touch only the tokens a request has seen: gathered and written back through a flat index
         # (index_select / index_copy_, far cheaper than advanced indexing on CPU), not [B, V] passes; with the
         # model's default repetition_penalty they run on every step of every request.
-        if any(sp.frequency_penalty or sp.presence_penalty for sp in sps):
+        if counted:
             flat, rows, counts = self._seen_tokens([r.output_ids for r in reqs], V, logits.device)
             freq = torch.tensor([sp.frequency_penalty for sp in sps], device=logits.device)[rows]
             pres = torch.tensor([sp.presence_penalty for sp in sps], device=logits.device)[rows]
             vals = logits.view(-1).index_select(0, flat)
             logits.view(-1).index_copy_(0, flat, vals - (freq * counts + pres))
-        if any(sp.repetition_penalty != 1.0 for sp in sps):
+        if repetition:
             flat, rows, _ = self._seen_tokens([r.token_ids for r in reqs], V, logits.device)
             rep = torch.tensor([sp.repetition_penalty for sp in sps], device=logits.device)[rows]
             vals = logits.view(-1).index_select(0, flat)
@@ -76,10 +78,11 @@ class Sampler:
         """logits: [B, V] float32 (raw model output). Returns (next_ids [B] list, logprob info or None).
         grammar_mask: (packed bitmask, rows) from GrammarBackend.bitmask, applied after the penalties."""
         raw = logits
-        if grammar_mask is not None or self.edits(reqs):  # (greedy rows with nothing to apply need no copy)
-            logits = self.apply_penalties_and_bias(logits.clone(), reqs)
+        logits = self.apply_penalties_and_bias(raw, reqs)
         if grammar_mask is not None:
             from ember.engine.grammar import GrammarBackend
+            if logits is raw:  # (the mask writes into it: logprobs read raw)
+                logits = raw.clone()
             GrammarBackend.apply(logits, grammar_mask)
         sps = [r.sampling for r in reqs]
         greedy = torch.tensor([sp.greedy for sp in sps], device=logits.device)
