@@ -5,6 +5,7 @@ decode step around it (`torch.classes.ember.DecodeStack`), `moe_experts.cpp` a w
 (`torch.ops.ember.moe_experts`) and `group_fit.cpp` the quantizer's per-group fit (`torch.ops.ember.fit_groups`). Each is built in variants with fixed compiler
 flags rather than `-march=native`, so that a variant can be built and tested on any x86 machine that runs it:
 
+  amx       avx512, and AMX tiles (`tdpbsud`) for the products of two or more activation rows (Sapphire Rapids+)
   avx512    AVX-512 VNNI (`vpdpbusd`, 16 rows per register)
   avxvnni   the avx2 kernel with AVX-VNNI's 256-bit `vpdpbusd` (Intel Alder Lake, Sierra Forest and later)
   avx2      AVX2 + FMA + F16C (`vpmaddubsw` + `vpmaddwd`): every x86-64 server of the last decade
@@ -33,14 +34,17 @@ _default: str | None = None
 _forced: list[str] = []  # variants forced by `forced_variant`, innermost last
 
 _AVX2 = ["-mavx", "-mavx2", "-mfma", "-mf16c"]
+_AVX512 = [*_AVX2, "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512vnni"]
 VARIANT_FLAGS = {
-    "avx512": [*_AVX2, "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512vnni"],
+    "amx": [*_AVX512, "-mamx-tile", "-mamx-int8"],
+    "avx512": _AVX512,
     "avxvnni": [*_AVX2, "-mavxvnni"],
     "avx2": _AVX2,
     "portable": [],
 }
 # /proc/cpuinfo flags each variant needs
-_NEEDS = {"avx512": {"avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni"},
+_AVX512_NEEDS = {"avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni"}
+_NEEDS = {"amx": _AVX512_NEEDS | {"amx_tile", "amx_int8"}, "avx512": _AVX512_NEEDS,
           "avxvnni": {"avx2", "fma", "f16c", "avx_vnni"}, "avx2": {"avx2", "fma", "f16c"}, "portable": set()}
 
 

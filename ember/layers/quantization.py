@@ -99,7 +99,7 @@ def fbgemm_int8_is_exact() -> bool:
     from ember.kernels import current_variant
 
     forced = os.environ.get("FBGEMM_ENABLE_INSTRUCTIONS", "").upper()
-    return current_variant() == "avx512" and forced in ("", "AVX512_E1", "AVX512_E1_256")
+    return current_variant() in ("amx", "avx512") and forced in ("", "AVX512_E1", "AVX512_E1_256")
 
 
 class W8A8Linear(_QuantLinear):

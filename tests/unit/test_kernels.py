@@ -7,7 +7,7 @@ import torch
 
 from ember import kernels
 
-SIMD = ["avx512", "avxvnni", "avx2"]
+SIMD = ["amx", "avx512", "avxvnni", "avx2"]
 
 
 def _ops(variant):
@@ -28,7 +28,8 @@ def _random_weight(gen, n, k, bits):
 # ragged M (not a multiple of the 4- and 8-row passes), N (partial tiles of 16 and halves of 8) and K (odd group
 # counts)
 SHAPES = [(1, 1, 32), (2, 7, 64), (3, 8, 96), (4, 9, 32), (5, 16, 160), (6, 23, 224), (7, 40, 96), (9, 200, 896),
-          (13, 17, 1536), (1, 1152, 896), (8, 8, 64), (16, 24, 96), (19, 5, 32), (27, 41, 288)]
+          (13, 17, 1536), (1, 1152, 896), (8, 8, 64), (16, 24, 96), (19, 5, 32), (27, 41, 288), (32, 9, 64),
+          (300, 21, 96)]  # (AMX: blocks of 16 rows with and without a tail, passes of 256 rows)
 
 
 @pytest.mark.parametrize("variant", SIMD)
@@ -84,6 +85,7 @@ def test_variant_selection_follows_the_cpu_flags():
     assert kernels.supported_variants({"avx2", "fma", "f16c", "avx_vnni"}) == ["avxvnni", "avx2", "portable"]
     zen4 = {"avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni"}
     assert kernels.supported_variants(zen4) == ["avx512", "avx2", "portable"]
+    assert kernels.supported_variants(zen4 | {"amx_tile", "amx_int8"})[:2] == ["amx", "avx512"]  # Sapphire Rapids
     assert kernels.supported_variants(zen4 - {"avx512_vnni"})[0] == "avx2"  # Skylake-SP: AVX-512 without VNNI
     assert getattr(torch.ops, kernels.load_group_gemm()).kernel_isa() == kernels.default_variant()
 

@@ -97,7 +97,7 @@ def test_the_one_call_expert_layer_follows_its_definition(method, limit):
 def test_the_expert_layer_kernel_is_bit_exact_across_instruction_sets(method):
     from ember import kernels
 
-    variants = [v for v in ("avx512", "avxvnni", "avx2", "portable") if v in kernels.supported_variants()]
+    variants = [v for v in ("amx", "avx512", "avxvnni", "avx2", "portable") if v in kernels.supported_variants()]
     q = QuantMoEExperts(_experts(4), method)
     x = torch.randn(5, H) * torch.logspace(-2, 2, 5)[:, None]
     w, ids = route_softmax(torch.randn(5, E), K, True)
