@@ -106,7 +106,7 @@ def load_variant(variant: str) -> str:
         # -fopenmp: at::parallel_for is inline code that runs serially unless the extension itself is compiled with
         # OpenMP (its GOMP calls then bind to the libgomp torch already loaded): without it every kernel ran on one core
         cflags = ["-O3", "-fopenmp", *VARIANT_FLAGS[variant], f"-DEMBER_NS={ns}"]
-        digest = hashlib.sha1(b"".join(p.read_bytes() for p in [*sources, here / "group_gemm.h"])
+        digest = hashlib.sha1(b"".join(p.read_bytes() for p in [*sources, here / "group_gemm.h", here / "amx_tile.h"])
                               + " ".join(cflags).encode()).hexdigest()[:8]
         name = f"ember_kernels_{variant}_{ns}_{digest}"
         try:

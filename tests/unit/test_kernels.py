@@ -49,6 +49,13 @@ def test_simd_paths_equal_the_portable_loop_bit_for_bit(variant, bits):
         assert torch.equal(got, ref), (m, n, k, (got - ref).abs().max().item())
 
 
+def test_amx_build_takes_its_tiles():
+    """The amx build runs its AMX tile (the kernel falls back to VNNI, silently, if Linux refuses the tile state)."""
+    ops = _ops("amx")
+    assert ops.uses_amx()
+    assert not _ops("avx512").uses_amx()
+
+
 @pytest.mark.parametrize("bits", [4, 8])
 def test_variants_agree_with_each_other(bits):
     """Every variant this CPU runs gives the same bits as the process's default build (and its reference)."""
