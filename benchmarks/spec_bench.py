@@ -38,6 +38,10 @@ SETTINGS = {
     # most frequent tokens of a corpus at hand (hot_token_map below), never of the benchmark's prompts
     "standalone-hot": {"speculative_algorithm": "STANDALONE", "speculative_draft_model_path": "qwen2.5-coder-0.5b",
                        "speculative_token_map": None},
+    # the token map, and plain steps while 4 or more requests decode (--speculative-disable-by-batch-size, vLLM's
+    # flag): on a CPU a verify of several requests' drafts costs more than their plain steps
+    "standalone-hot-bs4": {"speculative_algorithm": "STANDALONE", "speculative_draft_model_path": "qwen2.5-coder-0.5b",
+                           "speculative_token_map": None, "speculative_disable_by_batch_size": 4},
     # a draft tree: the root and the 5 best of 2 + 4 + 4 candidates, verified under a tree attention mask
     "standalone-tree": {"speculative_algorithm": "STANDALONE", "speculative_draft_model_path": "qwen2.5-coder-0.5b",
                         "speculative_num_steps": 3, "speculative_eagle_topk": 2, "speculative_num_draft_tokens": 6},

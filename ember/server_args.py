@@ -57,6 +57,7 @@ class ServerArgs:
     speculative_ngram_max_bfs_breadth: int = 1  # SGLang's default is 10; 1 keeps ember's NGRAM a chain
     speculative_draft_min_confidence: float = 0.0  # STANDALONE: stop drafting after a token the draft is unsure of
     speculative_token_map: str | None = None  # STANDALONE: the draft scores only these token ids (SGLang's flag)
+    speculative_disable_by_batch_size: int | None = None  # (vLLM's) no drafts in a step with this many decoding requests
     quantization: str | None = None  # none | int8 | int4 | w8a8_int8 | w4a8: CPU only; None: chosen (engine/cpu_default_path.py)
     disable_fused_decode: bool = False  # w4a8 Llama/Qwen2 decode steps: the torch path instead of the fused C++ one
     # "model": sampling fields a request leaves unset come from the model's generation_config.json
@@ -168,6 +169,9 @@ HELP: dict[str, str] = {
     "speculative_token_map": "STANDALONE: a file of token ids (.json list or torch .pt tensor; SGLang's FR-Spec hot "
                              "vocabulary) the draft model's lm_head is cut to: a cheaper draft step; tokens outside "
                              "it are never drafted (the target still verifies every token).",
+    "speculative_disable_by_batch_size": "Speculative decoding: a step with at least this many requests decoding runs "
+                                         "without drafts (vLLM's flag; on a CPU, speculation pays at small batches "
+                                         "only: BENCHMARKS.md). Default: always draft.",
     "enable_multi_layer_eagle": "EAGLE on MTP layers: draft step i runs MTP layer i (Step-3.5's three), fed by step i-1.",
     "quantization": "CPU quantization: int8 or int4 (weight-only), w8a8_int8 (int8 weights and activations, "
                     "fastest for batched decode), w4a8 (4-bit group weights x int8 activations on ember's "

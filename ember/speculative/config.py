@@ -20,6 +20,7 @@ class SpecConfig:
     ngram_max_window: int = 12
     draft_min_confidence: float = 0.0  # STANDALONE chains: a draft step whose top probability is below it is the last
     token_map: str | None = None  # STANDALONE: the file of token ids the draft's lm_head is cut to
+    disable_by_batch_size: int | None = None  # a step with this many decoding requests or more runs without drafts
 
     @property
     def max_drafts(self) -> int:
@@ -31,7 +32,8 @@ def resolve(args) -> tuple[SpecConfig | None, list[str]]:
     algo = args.speculative_algorithm
     if algo is None:
         given = [n for n in ("speculative_draft_model_path", "speculative_num_steps", "speculative_eagle_topk",
-                             "speculative_num_draft_tokens", "speculative_token_map") if getattr(args, n) is not None]
+                             "speculative_num_draft_tokens", "speculative_token_map", "speculative_disable_by_batch_size")
+                 if getattr(args, n) is not None]
         given += ["enable_multi_layer_eagle"] if args.enable_multi_layer_eagle else []
         return None, [f"--{n.replace('_', '-')} needs --speculative-algorithm" for n in given]
     algo = algo.upper()
@@ -83,9 +85,12 @@ def resolve(args) -> tuple[SpecConfig | None, list[str]]:
                           "STANDALONE")
         elif not os.path.isfile(args.speculative_token_map):
             errors.append(f"--speculative-token-map {args.speculative_token_map!r}: no such file")
+    off_at = args.speculative_disable_by_batch_size
+    if off_at is not None and off_at < 1:
+        errors.append(f"--speculative-disable-by-batch-size must be >= 1, got {off_at}")
     if not 1 <= lo <= hi:
         errors.append(f"--speculative-ngram-min/max-match-window-size need 1 <= min <= max, got {lo}, {hi}")
     if errors:
         return None, errors
     return SpecConfig(algo, steps, topk, ndraft, args.speculative_draft_model_path,
-                      bool(args.enable_multi_layer_eagle), lo, hi, conf, args.speculative_token_map), []
+                      bool(args.enable_multi_layer_eagle), lo, hi, conf, args.speculative_token_map, off_at), []

@@ -54,6 +54,9 @@ class SpecWorker:
 
     # ---------------------------------------------------------------- drafting
     def _draft(self, core, reqs, lens) -> list:
+        off_at = self.cfg.disable_by_batch_size
+        if off_at is not None and sum(n == 1 and r.extend_len == 1 for r, n in zip(reqs, lens)) >= off_at:
+            return [[] for _ in reqs]  # a plain step (the drafter catches up on these tokens when it drafts again)
         if self.tree:
             return self._draft_trees(core, reqs, lens)
         drafts = [[] for _ in reqs]

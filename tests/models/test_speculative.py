@@ -163,6 +163,30 @@ def test_draft_min_confidence_ends_chains_early(engine_for, tiny_qwen3_dir):
     assert per_verify[0.5] <= 1.0 and per_verify[0.0] > 2.0, per_verify  # (a verify near max_tokens drafts less)
 
 
+def test_disable_by_batch_size_runs_plain_steps_while_the_batch_is_large(engine_for, tiny_qwen3_dir):
+    """--speculative-disable-by-batch-size 3: while 3 or more requests decode, steps carry no drafts (each decode
+    step counts as a verify of one token); when fewer are left, drafting resumes and the draft model catches up on
+    the tokens it skipped. The tokens are those of speculation off."""
+    lens = [4, 6, 8, 24]
+    params = [{"temperature": 0, "max_new_tokens": n, "ignore_eos": True} for n in lens]
+    want = engine_for("tiny-qwen3").generate(PROMPTS[:4], params)
+    spec = engine_for("tiny-qwen3", speculative_algorithm="STANDALONE", speculative_disable_by_batch_size=3,
+                      speculative_draft_model_path=str(tiny_qwen3_dir))
+    got = spec.generate(PROMPTS[:4], params)
+    assert [o["output_ids"] for o in got] == [o["output_ids"] for o in want]
+    verifies = [o["meta_info"]["spec_verify_ct"] for o in got]
+    # the first two finish while 3+ requests decode: one token per step (the first token came from the prefill)
+    assert verifies[:2] == [lens[0] - 1, lens[1] - 1], verifies
+    # the last one drafts once alone (its own weights draft it: every draft accepted, 4 tokens per verify)
+    assert verifies[3] < lens[3] - 1 - 8, verifies
+    from ember import Engine
+    common = {"model_path": str(tiny_qwen3_dir), "dtype": "float32", "cpu_kv_cache_gb": 0.05}
+    with pytest.raises(ValueError, match="disable-by-batch-size must be >= 1"):
+        Engine(**common, speculative_algorithm="NGRAM", speculative_disable_by_batch_size=0)
+    with pytest.raises(ValueError, match="disable-by-batch-size needs --speculative-algorithm"):
+        Engine(**common, speculative_disable_by_batch_size=4)
+
+
 @pytest.mark.parametrize("quantization", ["none", "w4a8"])
 def test_token_map_drafts_only_its_tokens(quantization, engine_for, tiny_qwen3_dir, tmp_path):
     """--speculative-token-map: the draft model's lm_head is cut to the map's ids (fewer rows to read per draft
