@@ -67,7 +67,11 @@ inline void amx_store_sums(int32_t (*sums)[T][T], int nj) {
 // result is ready tens of cycles after its instruction, and only through memory).
 template <int BITS>
 void tile_amx(const uint8_t* w, const at::Half* dw, const at::Half* mw, int64_t ng, const int8_t* xq,
-              const float* xd, const float* xs, int64_t K, float* y, int64_t ldy, int64_t rows, int64_t M) {
+              const float* xd, const float* xs, int64_t K, float* y, int64_t ldy, int64_t rows, int64_t M,
+              int64_t configured) {
+  const int64_t r = std::min<int64_t>(M, 16);
+  // (a pass of fewer rows than the tiles were configured for would read activations past its rows)
+  TORCH_CHECK(r == configured, "AMX pass of ", M, " rows on tiles configured for ", configured);
   struct Step {
     int64_t g0, m0, from;  // groups g0.., rows m0..m0+r of which from.. are new
     int nj, buf;
@@ -78,7 +82,6 @@ void tile_amx(const uint8_t* w, const at::Half* dw, const at::Half* mw, int64_t 
   for (int64_t m = 0; m < M; ++m) _mm512_store_ps(acc[m], _mm512_setzero_ps());
   const __m512i low4 = _mm512_set1_epi8(0x0F);
   constexpr int64_t bytes = BITS == 4 ? 256 : 512;
-  const int64_t r = std::min<int64_t>(M, 16);
   const auto epilogue = [&](const Step& e) {
     __m512 d[kAmxRound], mn[kAmxRound];
     for (int j = 0; j < e.nj; ++j) {

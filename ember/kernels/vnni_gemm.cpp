@@ -394,15 +394,19 @@ void group_gemm_rows(const float* x, int64_t M, const GroupWeight& w, float* y, 
 #if EMBER_AMX
   if (!reference && M >= kAmxMinRows && amx_enabled()) {
     at::parallel_for(0, nthreads, 1, [&](int64_t, int64_t) {
-      amx_configure(static_cast<int>(std::min<int64_t>(M, 16)));
+      const int64_t tile_rows = std::min<int64_t>(M, 16);
+      amx_configure(static_cast<int>(tile_rows));
       for (int64_t c; (c = next.fetch_add(1, std::memory_order_relaxed)) < nchunks;)
         for (int64_t t = c * chunk; t < std::min(w.tiles, (c + 1) * chunk); ++t)
-          for (int64_t m0 = 0; m0 < M; m0 += kAmxBlock) {
-            const int64_t rows = std::min<int64_t>(T, n - t * T), nm = std::min(kAmxBlock, M - m0);
+          for (int64_t m0 = 0, nm; m0 < M; m0 += nm) {
+            // passes of kAmxBlock rows, none of fewer than 16 (the tiles are configured for min(M, 16) rows)
+            nm = std::min(kAmxBlock, M - m0);
+            if (M - m0 - nm > 0 && M - m0 - nm < 16) nm -= 16;
+            const int64_t rows = std::min<int64_t>(T, n - t * T);
             const uint8_t* wt = w.q + t * tile_bytes;
             const at::Half *d = w.dw + t * ng * T, *mn = w.mw + t * ng * T;
             (w.bits == 4 ? tile_amx<4> : tile_amx<8>)(wt, d, mn, ng, xq + m0 * K, xd + m0 * ng, xs + m0 * ng, K,
-                                                     y + m0 * n + t * T, n, rows, nm);
+                                                     y + m0 * n + t * T, n, rows, nm, tile_rows);
           }
       _tile_release();
     });

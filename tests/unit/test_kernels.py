@@ -29,7 +29,7 @@ def _random_weight(gen, n, k, bits):
 # counts)
 SHAPES = [(1, 1, 32), (2, 7, 64), (3, 8, 96), (4, 9, 32), (5, 16, 160), (6, 23, 224), (7, 40, 96), (9, 200, 896),
           (13, 17, 1536), (1, 1152, 896), (8, 8, 64), (16, 24, 96), (19, 5, 32), (27, 41, 288), (32, 9, 64),
-          (300, 21, 96)]  # (AMX: blocks of 16 rows with and without a tail, passes of 256 rows)
+          (300, 21, 96), (260, 3, 64)]  # (AMX: blocks of 16 rows with and without a tail, passes of 256 rows)
 
 
 @pytest.mark.parametrize("variant", SIMD)
