@@ -56,10 +56,30 @@ def cpu_flags() -> set[str]:
     return set(line.partition(":")[2].split())
 
 
+def amx_granted() -> bool:
+    """Whether Linux gives this process the AMX tile state (asked once: `arch_prctl(ARCH_REQ_XCOMP_PERM,
+    XFEATURE_XTILEDATA)`, Linux 5.16+). A CPU can list amx_tile under a kernel or hypervisor that refuses it."""
+    global _amx
+    if _amx is None:
+        import ctypes
+        import platform
+        try:
+            sys_arch_prctl, req_xcomp_perm, xtiledata = 158, 0x1023, 18
+            _amx = platform.machine() == "x86_64" and \
+                ctypes.CDLL(None, use_errno=True).syscall(sys_arch_prctl, req_xcomp_perm, xtiledata) == 0
+        except (OSError, AttributeError):
+            _amx = False
+    return _amx
+
+
+_amx: bool | None = None
+
+
 def supported_variants(flags: set[str] | None = None) -> list[str]:
-    """The variants this CPU can run, best first."""
-    flags = cpu_flags() if flags is None else flags
-    return [v for v in VARIANT_FLAGS if _NEEDS[v] <= flags]
+    """The variants this CPU can run, best first (given `flags`: the variants those /proc/cpuinfo flags allow)."""
+    real = flags is None
+    flags = cpu_flags() if real else flags
+    return [v for v in VARIANT_FLAGS if _NEEDS[v] <= flags and not (v == "amx" and real and not amx_granted())]
 
 
 def default_variant() -> str:

@@ -50,7 +50,8 @@ def test_simd_paths_equal_the_portable_loop_bit_for_bit(variant, bits):
 
 
 def test_amx_build_takes_its_tiles():
-    """The amx build runs its AMX tile (the kernel falls back to VNNI, silently, if Linux refuses the tile state)."""
+    """The amx build runs its AMX tile: the variant is listed only where Linux grants the tile state
+    (kernels.amx_granted), and the kernel would fall back to VNNI, silently, without it."""
     ops = _ops("amx")
     assert ops.uses_amx()
     assert not _ops("avx512").uses_amx()
