@@ -56,6 +56,9 @@ def cpu_flags() -> set[str]:
     return set(line.partition(":")[2].split())
 
 
+_amx: bool | None = None  # amx_granted's answer
+
+
 def amx_granted() -> bool:
     """Whether Linux gives this process the AMX tile state (asked once: `arch_prctl(ARCH_REQ_XCOMP_PERM,
     XFEATURE_XTILEDATA)`, Linux 5.16+). A CPU can list amx_tile under a kernel or hypervisor that refuses it."""
@@ -70,9 +73,6 @@ def amx_granted() -> bool:
         except (OSError, AttributeError):
             _amx = False
     return _amx
-
-
-_amx: bool | None = None
 
 
 def supported_variants(flags: set[str] | None = None) -> list[str]:

@@ -80,7 +80,6 @@ void tile_amx(const uint8_t* w, const at::Half* dw, const at::Half* mw, int64_t 
   alignas(64) int32_t sums[2][kAmxRound][T][T];
   alignas(64) uint8_t codes[2][kAmxRound][8][64];
   for (int64_t m = 0; m < M; ++m) _mm512_store_ps(acc[m], _mm512_setzero_ps());
-  const __m512i low4 = _mm512_set1_epi8(0x0F);
   constexpr int64_t bytes = BITS == 4 ? 256 : 512;
   const auto epilogue = [&](const Step& e) {
     __m512 d[kAmxRound], mn[kAmxRound];
@@ -108,11 +107,9 @@ void tile_amx(const uint8_t* w, const at::Half* dw, const at::Half* mw, int64_t 
       const uint8_t* p = w + (g0 + j) * bytes;
       prefetch_group(p, bytes);
       if constexpr (BITS == 4) {
-        for (int c = 0; c < 4; ++c) {
-          const __m512i raw = _mm512_loadu_si512(p + 64 * c);
-          _mm512_store_si512(codes[round & 1][j][c], _mm512_and_si512(raw, low4));
-          _mm512_store_si512(codes[round & 1][j][c + 4], _mm512_and_si512(_mm512_srli_epi16(raw, 4), low4));
-        }
+        __m512i wv[8];
+        unpack_codes4(p, wv);
+        for (int t = 0; t < 8; ++t) _mm512_store_si512(codes[round & 1][j][t], wv[t]);
         src[j] = codes[round & 1][j][0];
       } else {
         src[j] = p;  // 8-bit codes: already the B layout

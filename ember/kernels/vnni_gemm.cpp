@@ -144,24 +144,30 @@ void quantize_activations(const float* x, int64_t M, int64_t K, int8_t* xq, floa
 }
 
 #if EMBER_VNNI
+// A group's 4-bit codes of one tile as 8 registers of 16 rows x 4 inputs (inputs 4t..4t+3 in wv[t]); the AMX tile
+// stores the same registers as its B operand.
+inline void unpack_codes4(const uint8_t* p, __m512i* wv) {
+  const __m512i low4 = _mm512_set1_epi8(0x0F);
+  for (int c = 0; c < 4; ++c) {
+    const __m512i raw = _mm512_loadu_si512(p + 64 * c);
+    wv[c] = _mm512_and_si512(raw, low4);
+    wv[c + 4] = _mm512_and_si512(_mm512_srli_epi16(raw, 4), low4);
+  }
+}
+
 // One tile of 16 output rows against NM (1..4) activation rows.
 template <int BITS, int NM>
 void tile_vnni(const uint8_t* w, const at::Half* dw, const at::Half* mw, int64_t ng, const int8_t* xq,
                const float* xd, const float* xs, int64_t K, float* y, int64_t ldy, int64_t rows) {
   __m512 acc[NM];
   for (int m = 0; m < NM; ++m) acc[m] = _mm512_setzero_ps();
-  const __m512i low4 = _mm512_set1_epi8(0x0F);
   constexpr int64_t bytes = BITS == 4 ? 256 : 512;
   for (int64_t g = 0; g < ng; ++g) {
     const uint8_t* p = w + g * bytes;
     prefetch_group(p, bytes);
     __m512i wv[8];
     if constexpr (BITS == 4) {
-      for (int c = 0; c < 4; ++c) {
-        const __m512i raw = _mm512_loadu_si512(p + 64 * c);
-        wv[c] = _mm512_and_si512(raw, low4);
-        wv[c + 4] = _mm512_and_si512(_mm512_srli_epi16(raw, 4), low4);
-      }
+      unpack_codes4(p, wv);
     } else {
       for (int t = 0; t < 8; ++t) wv[t] = _mm512_loadu_si512(p + 64 * t);
     }
