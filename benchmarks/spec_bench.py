@@ -42,6 +42,11 @@ SETTINGS = {
     # flag): on a CPU a verify of several requests' drafts costs more than their plain steps
     "standalone-hot-bs4": {"speculative_algorithm": "STANDALONE", "speculative_draft_model_path": "qwen2.5-coder-0.5b",
                            "speculative_token_map": None, "speculative_disable_by_batch_size": 4},
+    # the token map, a chain of up to 4 drafts cut after a draft whose top probability is < 0.6
+    # (--speculative-draft-min-confidence): 2-4 drafts where the draft is sure, 1 where it is not
+    "standalone-hot-s4": {"speculative_algorithm": "STANDALONE", "speculative_draft_model_path": "qwen2.5-coder-0.5b",
+                          "speculative_token_map": None, "speculative_num_steps": 4, "speculative_num_draft_tokens": 5,
+                          "speculative_draft_min_confidence": 0.6},
     # a draft tree: the root and the 5 best of 2 + 4 + 4 candidates, verified under a tree attention mask
     "standalone-tree": {"speculative_algorithm": "STANDALONE", "speculative_draft_model_path": "qwen2.5-coder-0.5b",
                         "speculative_num_steps": 3, "speculative_eagle_topk": 2, "speculative_num_draft_tokens": 6},
