@@ -91,9 +91,7 @@ void tile_amx(const uint8_t* w, const at::Half* dw, const at::Half* mw, int64_t 
       __m512 v = _mm512_load_ps(acc[m]);
       for (int j = 0; j < e.nj; ++j) {
         const int64_t g = e.g0 + j;
-        const __m512 scale = _mm512_mul_ps(d[j], _mm512_set1_ps(xd[m * ng + g]));
-        v = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_load_si512(sums[e.buf][j][m - e.m0])), scale, v);
-        v = _mm512_fmadd_ps(mn[j], _mm512_set1_ps(xs[m * ng + g]), v);
+        v = group_epilogue16(v, _mm512_load_si512(sums[e.buf][j][m - e.m0]), d[j], mn[j], xd[m * ng + g], xs[m * ng + g]);
       }
       _mm512_store_ps(acc[m], v);
     }

@@ -157,6 +157,13 @@ inline void unpack_codes4(const uint8_t* p, __m512i* wv) {
   }
 }
 
+// acc + s * (d * xd) + mn * xs: one row's float epilogue for a group's int32 sums s of 16 outputs, in the order of
+// every path (the AMX tile's and the portable loop's too)
+inline __m512 group_epilogue16(__m512 acc, __m512i s, __m512 d, __m512 mn, float xd, float xs) {
+  acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), _mm512_mul_ps(d, _mm512_set1_ps(xd)), acc);
+  return _mm512_fmadd_ps(mn, _mm512_set1_ps(xs), acc);
+}
+
 // One tile of 16 output rows against NM (1..8) activation rows.
 template <int BITS, int NM>
 void tile_vnni(const uint8_t* w, const at::Half* dw, const at::Half* mw, int64_t ng, const int8_t* xq,
@@ -186,11 +193,8 @@ void tile_vnni(const uint8_t* w, const at::Half* dw, const at::Half* mw, int64_t
           std::memcpy(&a4, xq + m * K + g * G + 4 * t, 4);
           s[m][t & 1] = _mm512_dpbusd_epi32(s[m][t & 1], wv[t], _mm512_set1_epi32(a4));
         }
-      for (int m = 0; m < 2; ++m) {
-        const __m512 scale = _mm512_mul_ps(d, _mm512_set1_ps(xd[m * ng + g]));
-        acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(s[m][0], s[m][1])), scale, acc[m]);
-        acc[m] = _mm512_fmadd_ps(mn, _mm512_set1_ps(xs[m * ng + g]), acc[m]);
-      }
+      for (int m = 0; m < 2; ++m)
+        acc[m] = group_epilogue16(acc[m], _mm512_add_epi32(s[m][0], s[m][1]), d, mn, xd[m * ng + g], xs[m * ng + g]);
     } else {  // (interleaving 3+ rows, or pairs of them, was slower: 3-8 rows run one after the other)
       for (int m = 0; m < NM; ++m) {
         const int8_t* a = xq + m * K + g * G;
@@ -202,10 +206,7 @@ void tile_vnni(const uint8_t* w, const at::Half* dw, const at::Half* mw, int64_t
           s0 = _mm512_dpbusd_epi32(s0, wv[t], _mm512_set1_epi32(a0));
           s1 = _mm512_dpbusd_epi32(s1, wv[t + 1], _mm512_set1_epi32(a1));
         }
-        const __m512i s = _mm512_add_epi32(s0, s1);
-        const __m512 scale = _mm512_mul_ps(d, _mm512_set1_ps(xd[m * ng + g]));
-        acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), scale, acc[m]);
-        acc[m] = _mm512_fmadd_ps(mn, _mm512_set1_ps(xs[m * ng + g]), acc[m]);
+        acc[m] = group_epilogue16(acc[m], _mm512_add_epi32(s0, s1), d, mn, xd[m * ng + g], xs[m * ng + g]);
       }
     }
   }
