@@ -19,6 +19,7 @@ is cached under ~/.cache/torch_extensions, keyed by the sources, the variant and
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import logging
 import os
@@ -56,23 +57,18 @@ def cpu_flags() -> set[str]:
     return set(line.partition(":")[2].split())
 
 
-_amx: bool | None = None  # amx_granted's answer
-
-
+@functools.cache
 def amx_granted() -> bool:
     """Whether Linux gives this process the AMX tile state (asked once: `arch_prctl(ARCH_REQ_XCOMP_PERM,
     XFEATURE_XTILEDATA)`, Linux 5.16+). A CPU can list amx_tile under a kernel or hypervisor that refuses it."""
-    global _amx
-    if _amx is None:
-        import ctypes
-        import platform
-        try:
-            sys_arch_prctl, req_xcomp_perm, xtiledata = 158, 0x1023, 18
-            _amx = platform.machine() == "x86_64" and \
-                ctypes.CDLL(None, use_errno=True).syscall(sys_arch_prctl, req_xcomp_perm, xtiledata) == 0
-        except (OSError, AttributeError):
-            _amx = False
-    return _amx
+    import ctypes
+    import platform
+    try:
+        sys_arch_prctl, req_xcomp_perm, xtiledata = 158, 0x1023, 18
+        return platform.machine() == "x86_64" and \
+            ctypes.CDLL(None, use_errno=True).syscall(sys_arch_prctl, req_xcomp_perm, xtiledata) == 0
+    except (OSError, AttributeError):
+        return False
 
 
 def supported_variants(flags: set[str] | None = None) -> list[str]:
