@@ -150,11 +150,12 @@ inline __m256 hsum8x8(const __m256* a) {
 
 // out[0, 8 NC) = sum_j p[j] * inv * v_j: the row's value vectors (slots, kv head g) weighted, accumulated in
 // registers in slot order with the same fma per element as `axpy` into memory would do.
+// With `first` false the sum continues from out (a later block of slots: the same fma sequence per element).
 template <int NC>
 void weighted_sum(const float* p, float inv, const float* v_cache, const int64_t* slots, int64_t n, int64_t stride,
-                  int64_t off, float* out) {
+                  int64_t off, float* out, bool first) {
   __m256 o[NC];
-  for (int c = 0; c < NC; ++c) o[c] = _mm256_setzero_ps();
+  for (int c = 0; c < NC; ++c) o[c] = first ? _mm256_setzero_ps() : _mm256_loadu_ps(out + 8 * c);
   for (int64_t j = 0; j < n; ++j) {
     const __m256 w = _mm256_set1_ps(p[j] * inv);
     const float* v = v_cache + slots[j] * stride + off;
@@ -187,20 +188,81 @@ void attention_scores(const float* q, const float* k_cache, const int64_t* slots
   for (; j < n; ++j) sc[j] = dot(q, k_cache + (slots[j] * Hkv + g) * D, D) * scale;
 }
 
-// out = sum_j p[j] * inv * v_j over the row's n slots (kv head g), in slot order.
+// out = sum_j p[j] * inv * v_j over the row's n slots (kv head g), in slot order; with `first` false, out += that
+// (the slots of a later block).
 void attention_values(const float* p, float inv, const float* v_cache, const int64_t* slots, int64_t n, int64_t Hkv, int64_t g,
-                      int64_t D, float* out) {
+                      int64_t D, float* out, bool first) {
 #if EMBER_AVX512 || EMBER_AVX2
   if (D % 8 == 0) {
     for (int64_t d0 = 0; d0 < D; d0 += 64) {  // up to 8 registers of the output at a time
       const int64_t off = g * D + d0, stride = Hkv * D;
-      with_rows<8>((D - d0) / 8, [&](auto nc) { weighted_sum<nc.value>(p, inv, v_cache, slots, n, stride, off, out + d0); });
+      with_rows<8>((D - d0) / 8, [&](auto nc) {
+        weighted_sum<nc.value>(p, inv, v_cache, slots, n, stride, off, out + d0, first);
+      });
     }
     return;
   }
 #endif
-  std::fill(out, out + D, 0.f);
+  if (first) std::fill(out, out + D, 0.f);
   for (int64_t j = 0; j < n; ++j) axpy(out, p[j] * inv, v_cache + (slots[j] * Hkv + g) * D, D);
+}
+
+// Rows that read the same KV slots: row b joins a group whose longest row's slots agree with its own over its own
+// length (the rows of one request's verify do; rows on different branches of a draft tree, or of other requests,
+// do not). Each group lists its longest row first.
+std::vector<std::vector<int64_t>> slot_groups(const int64_t* sp, const int64_t* lp, int64_t B, int64_t W) {
+  std::vector<std::vector<int64_t>> groups;
+  for (int64_t b = 0; b < B; ++b) {
+    auto same = [&](const std::vector<int64_t>& g) {
+      const int64_t m = std::min(lp[b], lp[g[0]]);
+      return std::equal(sp + b * W, sp + b * W + m, sp + g[0] * W);
+    };
+    auto it = std::find_if(groups.begin(), groups.end(), same);
+    if (it == groups.end()) {
+      groups.push_back({b});
+    } else {
+      it->push_back(b);
+      if (lp[b] > lp[it->front()]) std::swap(it->front(), it->back());
+    }
+  }
+  return groups;
+}
+
+// Slots per block: a block's keys (then values) stay in L1 while every query head and row of a task reads them.
+constexpr int64_t kKeyBlock = 32;
+
+// Attention for the rows of one slot group and query heads [h0, h1) of kv head g: scores into sc (row b, head h at
+// sc + (b * H + h) * W), then out (row b, head h at out + (b * H + h) * D). K and V are read from memory once per
+// task, not once per row and head; each row and head's arithmetic is the same as alone (blocks are whole groups of
+// eight slots, the sums run in slot order).
+void attend(const std::vector<int64_t>& rows, int64_t g, int64_t h0, int64_t h1, const float* q, int64_t q_stride,
+            const float* k_cache, const float* v_cache, const int64_t* sp, const int64_t* lp, int64_t W, int64_t H,
+            int64_t Hkv, int64_t D, float scale, float* sc, float* out) {
+  const int64_t* slots = sp + rows[0] * W;  // the longest row's: every row's own slots are a prefix of them
+  const int64_t n_max = lp[rows[0]];
+  for (int64_t j0 = 0; j0 < n_max; j0 += kKeyBlock)
+    for (const int64_t b : rows)
+      if (j0 < lp[b])
+        for (int64_t h = h0; h < h1; ++h)
+          attention_scores(q + b * q_stride + h * D, k_cache, slots + j0, std::min(kKeyBlock, lp[b] - j0), Hkv, g, D,
+                           scale, sc + (b * H + h) * W + j0);
+  std::vector<float> inv(rows.size() * (h1 - h0));
+  for (size_t r = 0; r < rows.size(); ++r)
+    for (int64_t h = h0; h < h1; ++h) {
+      float* s = sc + (rows[r] * H + h) * W;
+      const int64_t n = lp[rows[r]];
+      float mx = -std::numeric_limits<float>::infinity();
+      for (int64_t j = 0; j < n; ++j) mx = std::max(mx, s[j]);
+      inv[r * (h1 - h0) + (h - h0)] = 1.f / exp_shifted(s, n, mx);
+    }
+  for (int64_t j0 = 0; j0 < n_max; j0 += kKeyBlock)
+    for (size_t r = 0; r < rows.size(); ++r) {
+      const int64_t b = rows[r];
+      if (j0 < lp[b])
+        for (int64_t h = h0; h < h1; ++h)
+          attention_values(sc + (b * H + h) * W + j0, inv[r * (h1 - h0) + (h - h0)], v_cache, slots + j0,
+                           std::min(kKeyBlock, lp[b] - j0), Hkv, g, D, out + (b * H + h) * D, j0 == 0);
+    }
 }
 
 void rms_norm(const float* x, const float* w, float* y, int64_t n, float eps) {
@@ -350,6 +412,11 @@ class DecodeStack : public torch::CustomClassHolder {
       for (int64_t i = 0; i < B * hidden_; ++i) xp[i] += y[i];
     };
 
+    // attention tasks: (slot group, kv head, chunk of its query heads), the heads split only to give every thread one
+    const std::vector<std::vector<int64_t>> groups = slot_groups(sp, lp, B, W);
+    const int64_t num_groups = static_cast<int64_t>(groups.size()), G = H / Hkv;
+    const int64_t chunks = std::clamp<int64_t>(at::get_num_threads() / (num_groups * Hkv), 1, G);
+
     for (const Layer& layer : layers_) {
       for (int64_t b = 0; b < B; ++b) rms_norm(xp + b * hidden_, layer.in_norm, hp + b * hidden_, hidden_, eps_);
       gemm(hp, layer.qkv, qp);
@@ -364,17 +431,11 @@ class DecodeStack : public torch::CustomClassHolder {
         std::copy(row + H * D, row + (H + Hkv) * D, layer.k_cache + wp[b] * Hkv * D);
         std::copy(row + (H + Hkv) * D, row + qkv_n, layer.v_cache + wp[b] * Hkv * D);
       }
-      at::parallel_for(0, B * H, 1, [&](int64_t t0, int64_t t1) {
-        for (int64_t t = t0; t < t1; ++t) {
-          const int64_t b = t / H, head = t % H, g = head / (H / Hkv), n = lp[b];
-          const float* q = qp + b * qkv_n + head * D;
-          const int64_t* row_slots = sp + b * W;
-          float* sc = scp + t * W;
-          float mx = -std::numeric_limits<float>::infinity();
-          attention_scores(q, layer.k_cache, row_slots, n, Hkv, g, D, scale_, sc);
-          for (int64_t j = 0; j < n; ++j) mx = std::max(mx, sc[j]);
-          const float inv = 1.f / exp_shifted(sc, n, mx);
-          attention_values(sc, inv, layer.v_cache, row_slots, n, Hkv, g, D, ap + b * H * D + head * D);
+      at::parallel_for(0, num_groups * Hkv * chunks, 1, [&](int64_t t0, int64_t t1) {
+        for (int64_t t = t0; t < t1; ++t) {  // task t: slot group, kv head g, chunk c of g's query heads
+          const int64_t grp = t / (Hkv * chunks), g = t / chunks % Hkv, c = t % chunks;
+          attend(groups[grp], g, g * G + c * G / chunks, g * G + (c + 1) * G / chunks, qp, qkv_n, layer.k_cache,
+                 layer.v_cache, sp, lp, W, H, Hkv, D, scale_, scp, ap);
         }
       });
       gemm(ap, layer.o, tp);

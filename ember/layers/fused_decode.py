@@ -125,15 +125,21 @@ class FusedDecoder:
     @torch.inference_mode()
     def __call__(self, batch) -> torch.Tensor:
         """Final-normed hidden states, one row per token: [T, hidden]."""
+        kv_slots, kv_lens = self.row_slots(batch)
+        return self.stack.forward(self.embed(batch.input_ids), batch.positions, batch.attn["full"].write_slots,
+                                  kv_slots, kv_lens)
+
+    @staticmethod
+    def row_slots(batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per token row, the KV slots it attends to and how many ([T, W], [T])."""
         meta = batch.attn["full"]
-        kv_slots, kv_lens = meta.kv_slots, meta.kv_lens
-        if batch.input_ids.shape[0] != meta.batch_size:  # several tokens of a request: a row each
-            request = torch.div(meta.q_pad_index, meta.max_q, rounding_mode="floor")
-            if batch.trees is not None and any(t is not None for t in batch.trees):
-                kv_slots, kv_lens = _tree_rows(meta, request, batch.trees)
-            else:  # causal: a row sees its request's keys up to its own position (keys start at position 0)
-                kv_slots, kv_lens = kv_slots.index_select(0, request), batch.positions + 1
-        return self.stack.forward(self.embed(batch.input_ids), batch.positions, meta.write_slots, kv_slots, kv_lens)
+        if batch.input_ids.shape[0] == meta.batch_size:  # one token per request
+            return meta.kv_slots, meta.kv_lens
+        request = torch.div(meta.q_pad_index, meta.max_q, rounding_mode="floor")  # several tokens of a request
+        if batch.trees is not None and any(t is not None for t in batch.trees):
+            return _tree_rows(meta, request, batch.trees)
+        # causal: a row sees its request's keys up to its own position (keys start at position 0)
+        return meta.kv_slots.index_select(0, request), batch.positions + 1
 
 
 def _tree_rows(meta, request: torch.Tensor, trees: list) -> tuple[torch.Tensor, torch.Tensor]:

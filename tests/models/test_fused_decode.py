@@ -49,14 +49,16 @@ def _decode_steps_both_ways(engine, check_rows_alone: bool = False):
 
 def _rows_alone_equal(fused, batch) -> bool:
     """Each row of a batched fused step equals the same row run alone (a request's result does not depend on
-    what it is batched with); rewriting a row's K/V writes the same values."""
-    meta = batch.attn["full"]
+    what it is batched with, nor a verify's token on the drafts after it); rewriting a row's K/V writes the same
+    values."""
+    write_slots = batch.attn["full"].write_slots
+    kv_slots, kv_lens = fused.row_slots(batch)
     x = fused.embed(batch.input_ids)
-    together = fused.stack.forward(x, batch.positions, meta.write_slots, meta.kv_slots, meta.kv_lens)
-    for i in range(meta.batch_size):
-        n = int(meta.kv_lens[i])
-        alone = fused.stack.forward(x[i:i + 1], batch.positions[i:i + 1], meta.write_slots[i:i + 1],
-                                    meta.kv_slots[i:i + 1, :n].contiguous(), meta.kv_lens[i:i + 1])
+    together = fused.stack.forward(x, batch.positions, write_slots, kv_slots, kv_lens)
+    for i in range(x.shape[0]):
+        n = int(kv_lens[i])
+        alone = fused.stack.forward(x[i:i + 1], batch.positions[i:i + 1], write_slots[i:i + 1],
+                                    kv_slots[i:i + 1, :n].contiguous(), kv_lens[i:i + 1])
         if not torch.equal(alone[0], together[i]):
             return False
     return True
@@ -171,3 +173,43 @@ def test_a_request_decoding_beside_a_prefill_gets_its_solo_tokens(engine_for):
     assert mixed, "no step mixed decode rows with a prefill chunk"
     for i in range(len(prompts)):
         assert outputs[i] == solo[i], f"request {i} changed beside a prefill"
+
+
+def test_verify_rows_share_their_keys_and_each_equals_the_row_alone(engine_for):
+    """A speculative verify runs several new tokens of one request in the fused step; its attention reads the
+    request's keys and values once per kv head for all of them (and all of that head's query heads). Each row must
+    still equal the same row run alone, bit for bit: two requests' verifies in one batch, and with the query heads
+    split over more threads than there are kv heads."""
+    from ember.speculative.draft_model import _DraftReq
+
+    engine = engine_for("smollm2", quantization="w4a8")
+    runner, fused = engine.core.runner, engine.core.runner.fused_decoder
+    allocators, page = runner.kv_cache.allocators, runner.kv_cache.page_size
+    reqs, rows = [], (4, 5)
+    for prompt, n in zip(PROMPTS[1:], rows):
+        ids = engine.tokenizer.encode(prompt * 3)
+        tables = {g: a.alloc(-(-(len(ids) + n) // page)) for g, a in allocators.items()}
+        reqs.append(_DraftReq(ids[:-n], 0, tables))
+        with torch.inference_mode():
+            runner.forward([reqs[-1]], [len(ids) - n])  # the prefix's K/V
+        reqs[-1].kv_len, reqs[-1].token_ids = len(ids) - n, ids  # then n new tokens, as drafts ride in a verify
+    try:
+        batch = runner.build_batch(reqs, list(rows))
+        kv_slots, kv_lens = fused.row_slots(batch)
+        assert fused.applies_to(batch) and kv_slots.shape[0] == sum(rows)
+        with torch.inference_mode():
+            assert _rows_alone_equal(fused, batch)
+            x, outs = fused.embed(batch.input_ids), []
+            threads = torch.get_num_threads()
+            for t in (1, 6):  # 6 threads: the 3 query heads of each kv head (SmolLM2: 9 of 3) split into 2 tasks
+                torch.set_num_threads(t)
+                try:
+                    outs.append(fused.stack.forward(x, batch.positions, batch.attn["full"].write_slots, kv_slots,
+                                                    kv_lens))
+                finally:
+                    torch.set_num_threads(threads)
+        assert torch.equal(outs[0], outs[1])
+    finally:
+        for r in reqs:
+            for g, table in r.page_tables.items():
+                allocators[g].free(table)
