@@ -164,8 +164,9 @@ HELP: dict[str, str] = {
     "speculative_ngram_max_bfs_breadth": "NGRAM: > 1 merges the continuations of several matches into a tree with at "
                                          "most this many children per node (default 1: the best match's chain).",
     "speculative_draft_min_confidence": "STANDALONE: a draft step whose top token has a probability below this is "
-                                        "the last of its chain (as transformers' assistant_confidence_threshold; "
-                                        "default 0: always --speculative-num-steps drafts, as SGLang).",
+                                        "the last of its chain (as transformers' assistant_confidence_threshold), "
+                                        "and the draft's second choice there is verified beside it (one more verify "
+                                        "row; default 0: always --speculative-num-steps drafts, as SGLang).",
     "speculative_token_map": "STANDALONE: a file of token ids (.json list or torch .pt tensor; SGLang's FR-Spec hot "
                              "vocabulary) the draft model's lm_head is cut to: a cheaper draft step; tokens outside "
                              "it are never drafted (the target still verifies every token).",

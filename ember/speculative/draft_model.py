@@ -105,7 +105,8 @@ class DraftModelDrafter:
         if not live:
             return out
         lens = [len(e) - s.kv_len for e, s in zip(ext, shims)]
-        caps = list(caps)
+        room, caps = caps, list(caps)
+        runner_up = {}  # request index -> the draft's second choice beside its last (cut) draft
         k = max(caps[i] for i in live)
         with torch.inference_mode():
             for step in range(k):
@@ -119,17 +120,22 @@ class DraftModelDrafter:
                 toks = (best if self.hot is None else self.hot[best]).tolist()
                 # the top token's probability, only where a cut is asked for (a softmax over the vocabulary per step)
                 conf = logits.float().softmax(-1).amax(-1).tolist() if self.min_confidence > 0 else [1.0] * len(toks)
-                for j, t, p in zip(active, toks, conf):
+                for a, (j, t, p) in enumerate(zip(active, toks, conf)):
                     shims[j].kv_len += lens[j]
                     lens[j] = 1
                     ext[j].append(t)
                     out[live[j]].append(t)
                     if p < self.min_confidence:  # likely rejected: the drafts after it even more so
                         caps[live[j]] = step + 1
+                        if step + 2 <= room[live[j]]:  # room for one more node: the runner-up, verified beside it
+                            second = logits[a].topk(2).indices[1]
+                            runner_up[live[j]] = int(second if self.hot is None else self.hot[second])
         for j, i in enumerate(live):
             st = self.states[reqs[i].rid]
             st.written = shims[j].kv_len  # rows < written hold ext[:written]; kept ones are cut in update
             st.kv_len = shims[j].kv_len
+        for i, t in runner_up.items():
+            out[i] = with_runner_up(reqs[i].token_ids[-1], out[i], t)
         return out
 
     def propose_tree(self, reqs, ncaps: list[int], dcaps: list[int]) -> list:
@@ -193,6 +199,16 @@ class DraftModelDrafter:
     def sync(self, live_rids) -> None:
         for rid in [r for r in self.states if r not in live_rids]:
             self._free(self.states.pop(rid))
+
+
+def with_runner_up(root: int, chain: list[int], second: int):
+    """A chain cut by the confidence cut as a tree: its last draft gets a sibling, the draft's second choice there
+    (where the draft was unsure, its runner-up is often the target's token: half the time on spec_bench's chat
+    prompts). One more verify row, no more draft steps, and the draft's KV stays valid whichever sibling wins: the
+    draft model never ran on the last draft."""
+    from ember.speculative.tree import DraftTree
+    n = len(chain)
+    return DraftTree([root, *chain, second], [-1, *range(n), n - 1])
 
 
 def load_token_map(path: str, vocab: int) -> torch.Tensor:

@@ -17,6 +17,7 @@ import logging
 import torch
 
 from ember.speculative.config import SpecConfig
+from ember.speculative.tree import DraftTree
 from ember.speculative.tree_verify import node_views, path_kv_moves, tree_grammar_rows
 from ember.speculative.verify import DraftView, accept_length, grammar_rows
 
@@ -39,7 +40,9 @@ def make_drafter(core, cfg: SpecConfig):
 class SpecWorker:
     def __init__(self, core, cfg: SpecConfig):
         self.cfg = cfg
-        self.tree = cfg.topk > 1  # drafts are DraftTrees (tree.py) verified under a tree attention mask
+        # topk > 1: every draft is a DraftTree (tree.py) verified under a tree attention mask; otherwise chains (lists),
+        # but a STANDALONE chain cut by the confidence cut is a DraftTree too (its last draft and the runner-up)
+        self.tree = cfg.topk > 1
         self.drafter = make_drafter(core, cfg)
         self.verify_ct = 0  # verify forwards (per request)
         self.verified_tokens = 0  # tokens those verifies produced (accepted drafts + the target's own token)
@@ -74,9 +77,11 @@ class SpecWorker:
             return drafts
         proposals = self.drafter.propose([reqs[i] for i in idx], caps)
         for i, cap, d in zip(idx, caps, proposals):
-            d = [t for t in d[:cap]]
-            if d and all(0 <= t < core.vocab_size for t in d) and \
-                    core.scheduler._try_alloc(reqs[i], reqs[i].kv_len + 1 + len(d)):
+            if not isinstance(d, DraftTree):  # (a chain whose last draft has a sibling: a DraftTree of cap nodes)
+                d = list(d[:cap])
+            toks = _tokens(d)
+            if toks and len(toks) <= cap and all(0 <= t < core.vocab_size for t in toks) and \
+                    core.scheduler._try_alloc(reqs[i], reqs[i].kv_len + 1 + len(toks)):
                 drafts[i] = d
         return drafts
 
@@ -103,9 +108,6 @@ class SpecWorker:
                 trees[i] = t
         return trees
 
-    def _tokens(self, d) -> list[int]:
-        return d.drafts if self.tree else d
-
     # ---------------------------------------------------------------- the target forward
     def _forward(self, core, reqs, lens, full_rows):
         """(last logits [B, V], {i: rows [n_i, V]}, hidden [T, H] pre-norm or None)."""
@@ -126,17 +128,17 @@ class SpecWorker:
         wants_prompt = [r.return_prompt_logprobs and r.kv_len < len(r.prompt_ids) for r in reqs]
         for r, d, i in zip(reqs, drafts, range(len(reqs))):
             if d:
-                r.token_ids.extend(self._tokens(d))
-                lens[i] += len(self._tokens(d))
-                if self.tree:  # node j at slot kv_len + j, RoPE position kv_len + depth, sees its ancestors
+                r.token_ids.extend(_tokens(d))
+                lens[i] += len(_tokens(d))
+                if isinstance(d, DraftTree):  # node j at slot kv_len + j, RoPE position kv_len + depth, sees its ancestors
                     r.spec_tree = d.spec(r.kv_len)
         try:
             last, full, hidden = self._forward(core, reqs, lens, [bool(d) or w for d, w in zip(drafts, wants_prompt)])
         finally:
             for r, d in zip(reqs, drafts):
                 if d:
-                    del r.token_ids[-len(self._tokens(d)):]
-                    if self.tree:
+                    del r.token_ids[-len(_tokens(d)):]
+                    if isinstance(d, DraftTree):
                         del r.spec_tree
         outs = []
         for i, (req, n) in enumerate(zip(reqs, lens)):
@@ -162,7 +164,7 @@ class SpecWorker:
         for i in verify:
             d = drafts[i]
             rows.append(full[i])
-            if self.tree:
+            if isinstance(d, DraftTree):
                 spans[i] = (len(views), len(d))
                 views.extend(node_views(reqs[i], d))
             else:
@@ -179,7 +181,7 @@ class SpecWorker:
                 self._after(core, req, starts[i], hidden, lens, i)
                 outs.append(self._report(core, req))
             for i in verify:
-                if self.tree:
+                if isinstance(drafts[i], DraftTree):
                     nodes = self._accept_tree(core, reqs[i], drafts[i], spans[i][0], sampled, logprobs)
                 else:
                     nodes = None
@@ -205,7 +207,7 @@ class SpecWorker:
         for i in verify:
             if reqs[i].grammar is not None:
                 r0, k = spans[i]
-                rows_of = tree_grammar_rows if self.tree else grammar_rows
+                rows_of = tree_grammar_rows if isinstance(drafts[i], DraftTree) else grammar_rows
                 mask[r0:r0 + k] = rows_of(core.grammar, reqs[i], drafts[i])
                 rows.extend(range(r0, r0 + k))
         return mask, rows
@@ -280,3 +282,8 @@ class SpecWorker:
         out.spec_verify_ct = getattr(req, "spec_verify_ct", 0)
         out.spec_verified_tokens = getattr(req, "spec_verified_tokens", 0)
         return out
+
+
+def _tokens(d) -> list[int]:
+    """A draft's tokens in the order they ride in the verify: a chain's, or a tree's nodes after the root."""
+    return d.drafts if isinstance(d, DraftTree) else d

@@ -149,8 +149,8 @@ def test_seeded_sampling_draws_the_tokens_of_speculation_off(engine_for, tiny_qw
 
 def test_draft_min_confidence_ends_chains_early(engine_for, tiny_qwen3_dir):
     """--speculative-draft-min-confidence: the tiny model's own drafts are never confident (flat random logits, top
-    probability < 0.01), so at 0.5 every chain stops after its first draft, at 0 it runs all 3 steps; the tokens
-    are those of speculation off either way."""
+    probability < 0.01), so at 0.5 every chain stops after its first draft (verified beside the draft's runner-up:
+    2 drafts a verify), at 0 it runs all 3 steps; the tokens are those of speculation off either way."""
     greedy = {"temperature": 0, "max_new_tokens": 12, "ignore_eos": True}
     want = engine_for("tiny-qwen3").generate(PROMPTS[:4], greedy)
     per_verify = {}
@@ -160,7 +160,40 @@ def test_draft_min_confidence_ends_chains_early(engine_for, tiny_qwen3_dir):
         assert [o["output_ids"] for o in spec.generate(PROMPTS[:4], greedy)] == [o["output_ids"] for o in want]
         stats = spec.core.stats()["speculative"]
         per_verify[conf] = stats["draft_tokens"] / stats["verify_ct"]
-    assert per_verify[0.5] <= 1.0 and per_verify[0.0] > 2.0, per_verify  # (a verify near max_tokens drafts less)
+    assert per_verify[0.5] <= 2.0 and per_verify[0.0] > 2.0, per_verify  # (a verify near max_tokens drafts less)
+
+
+def test_a_cut_chain_keeps_the_runner_up_of_its_last_draft(engine_for, tiny_qwen3_dir):
+    """A chain ended by the confidence cut is verified as a tree: its last draft and, beside it, the draft's second
+    choice there. Here the draft (the target's own weights) has its top two logits swapped at every step, so each
+    chain's only draft is the target's second choice and the runner-up is the target's token: nearly every verify
+    accepts the runner-up (and the target's token after it), the draft model's KV stays right (it never ran on the
+    sibling), and the tokens are those of speculation off, alone and batched."""
+    greedy = {"temperature": 0, "max_new_tokens": 16, "ignore_eos": True}
+    want = [o["output_ids"] for o in engine_for("tiny-qwen3").generate(PROMPTS, greedy)]
+    spec = engine_for("tiny-qwen3", speculative_algorithm="STANDALONE", speculative_draft_min_confidence=0.5,
+                      speculative_draft_model_path=str(tiny_qwen3_dir))
+    runner = spec.core.spec.drafter.runner
+    forward = runner.forward
+
+    def top_two_swapped(*args, **kwargs):
+        logits = forward(*args, **kwargs).clone()
+        top = logits.topk(2, dim=-1).indices
+        first, second = logits.gather(-1, top[:, :1]), logits.gather(-1, top[:, 1:])
+        return logits.scatter(-1, top[:, :1], second).scatter(-1, top[:, 1:], first)
+
+    runner.forward = top_two_swapped
+    try:
+        before = dict(spec.core.stats()["speculative"])
+        got = [[o["output_ids"] for o in spec.generate([p], greedy)][0] for p in PROMPTS[:3]]
+        got += [o["output_ids"] for o in spec.generate(PROMPTS[3:], greedy)]
+        stats = spec.core.stats()["speculative"]
+    finally:
+        runner.forward = forward
+    assert got == want
+    accepted = stats["accepted_tokens"] - before["accepted_tokens"]
+    verifies = stats["verify_ct"] - before["verify_ct"]
+    assert accepted / verifies > 1.8, (accepted, verifies)  # a chain alone would keep 1 token a verify here
 
 
 def test_disable_by_batch_size_runs_plain_steps_while_the_batch_is_large(engine_for, tiny_qwen3_dir):
