@@ -10,6 +10,8 @@ The engine runs in-process (ember.Engine) under the OpenMP settings of `ember se
 tokens, so the comparison is the same work), max_tokens --output-len, EOS allowed. Concurrency c: prompts go in
 waves of c requests batched together. Reported per row: output tokens/s, speedup over off, and the accept length
 (tokens per verify step, SGLang's spec_accept_length). Run it on a quiet machine; all rows come from one run.
+With --interleave every setting's engine stays loaded and each wave runs under all of them in turn (the order
+rotating): on a machine whose speed drifts, every setting sees the same slow and fast minutes.
 """
 from __future__ import annotations
 
@@ -113,12 +115,52 @@ def hot_token_map(model: str, n: int, corpus_chars: int = 40_000_000) -> str:
     return str(path)
 
 
-def run_setting(name: str, args, workloads) -> list[dict]:
+def make_engine(name: str, args):
     from ember import Engine
     setting = dict(SETTINGS[name])
     if "speculative_token_map" in setting:
         setting["speculative_token_map"] = hot_token_map(args.model, args.hot_vocab)
-    engine = Engine(model_path=args.model, dtype=args.dtype, cpu_kv_cache_gb=args.kv_gb, **setting)
+    return Engine(model_path=args.model, dtype=args.dtype, cpu_kv_cache_gb=args.kv_gb, **setting)
+
+
+def _row(name, wname, c, outs_all, dt) -> dict:
+    tokens = sum(o["meta_info"]["completion_tokens"] for o in outs_all)
+    verifies = sum(o["meta_info"].get("spec_verify_ct", 0) for o in outs_all)
+    print(f"{name:>10} {wname:>9} c={c}: {tokens / dt:7.2f} tok/s"
+          + (f", accept length {tokens / verifies:.2f}" if verifies else ""), flush=True)
+    return {"setting": name, "workload": wname, "concurrency": c, "output_tokens": tokens, "seconds": dt,
+            "tok_per_s": tokens / dt, "accept_length": tokens / verifies if verifies else None,
+            "outputs": [o["output_ids"] for o in outs_all]}
+
+
+def run_interleaved(names: list[str], args, workloads) -> list[dict]:
+    """Every setting's engine loaded at once; each wave of c prompts runs under every setting, in an order that
+    rotates from wave to wave, and a setting's time is the sum of its waves: a machine that drifts (a VM's speed moves
+    by ~10% over minutes here) slows every setting alike instead of whichever ran during the slow minutes."""
+    engines = {n: make_engine(n, args) for n in names}
+    rows = []
+    for wname, prompts in workloads.items():
+        tok = next(iter(engines.values())).tokenizer
+        ids = [tok.apply_chat_template(m, add_generation_prompt=True, tokenize=True, return_dict=False)
+               for m in prompts]
+        sp = {"temperature": 0, "max_new_tokens": args.output_len}
+        for e in engines.values():
+            e.generate(input_ids=ids[:1], sampling_params={**sp, "max_new_tokens": 8})  # warm-up
+        for c in args.concurrency:
+            for e in engines.values():
+                e.flush_cache()
+            outs, secs = {n: [] for n in names}, dict.fromkeys(names, 0.0)
+            for w, k in enumerate(range(0, len(ids), c)):
+                for n in names[w % len(names):] + names[:w % len(names)]:
+                    t0 = time.perf_counter()
+                    outs[n] += engines[n].generate(input_ids=ids[k:k + c], sampling_params=sp)
+                    secs[n] += time.perf_counter() - t0
+            rows += [_row(n, wname, c, outs[n], secs[n]) for n in names]
+    return rows
+
+
+def run_setting(name: str, args, workloads) -> list[dict]:
+    engine = make_engine(name, args)
     rows = []
     sp = {"temperature": 0, "max_new_tokens": args.output_len}
     for wname, prompts in workloads.items():
@@ -127,21 +169,11 @@ def run_setting(name: str, args, workloads) -> list[dict]:
         engine.generate(input_ids=ids[:1], sampling_params={**sp, "max_new_tokens": 8})  # warm-up
         for c in args.concurrency:
             engine.flush_cache()
-            tokens, verifies, outs_all = 0, 0, []
+            outs_all = []
             t0 = time.perf_counter()
             for k in range(0, len(ids), c):
-                outs = engine.generate(input_ids=ids[k:k + c], sampling_params=sp)
-                outs_all += outs
-            dt = time.perf_counter() - t0
-            for o in outs_all:
-                tokens += o["meta_info"]["completion_tokens"]
-                verifies += o["meta_info"].get("spec_verify_ct", 0)
-            rows.append({"setting": name, "workload": wname, "concurrency": c, "output_tokens": tokens,
-                         "seconds": dt, "tok_per_s": tokens / dt,
-                         "accept_length": tokens / verifies if verifies else None,
-                         "outputs": [o["output_ids"] for o in outs_all]})
-            print(f"{name:>10} {wname:>9} c={c}: {tokens / dt:7.2f} tok/s"
-                  + (f", accept length {tokens / verifies:.2f}" if verifies else ""), flush=True)
+                outs_all += engine.generate(input_ids=ids[k:k + c], sampling_params=sp)
+            rows.append(_row(name, wname, c, outs_all, time.perf_counter() - t0))
     del engine
     return rows
 
@@ -156,11 +188,16 @@ def main():
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--kv-gb", type=float, default=1.0)
     ap.add_argument("--hot-vocab", type=int, default=32768, help="standalone-hot: the token map holds this many most frequent ids")
+    ap.add_argument("--interleave", action="store_true",
+                    help="load every setting's engine at once and run each wave of prompts under all of them in "
+                         "turn (rotating order): a drifting machine slows every setting alike (needs ~2 GB a setting)")
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "spec_bench.json"))
     args = ap.parse_args()
     workloads = {"chat": chat_prompts(args.num_prompts), "code-edit": code_edit_prompts(args.num_prompts)}
     rows = []
-    for name in args.settings:
+    if args.interleave:
+        rows = run_interleaved(args.settings, args, workloads)
+    for name in [] if args.interleave else args.settings:
         rows += run_setting(name, args, workloads)
     base = {(r["workload"], r["concurrency"]): r for r in rows if r["setting"] == "off"}
     print("\n| setting | workload | c | tok/s | speedup | accept length | same tokens as off |")
