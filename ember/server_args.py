@@ -27,6 +27,7 @@ class ServerArgs:
     max_total_tokens: int | None = None  # cap the KV pool at this many tokens (overrides the budgets)
     page_size: int = 16
     attention_backend: str | None = None  # None: torch (ember/attention)
+    moe_runner_backend: str = "auto"  # auto: torch (ember/layers/moe_runner.py)
     max_running_requests: int = 64
     max_queued_requests: int | None = None
     chunked_prefill_size: int = 2048
@@ -128,6 +129,9 @@ HELP: dict[str, str] = {
     "attention_backend": "Attention kernels: torch (gather + SDPA; any device, the CPU default), triton (paged "
                          "decode/extend kernels reading K/V from the pages; CUDA, opt-in until run on a GPU; on CPU only "
                          "under TRITON_INTERPRET=1, for tests) or flashinfer (not implemented yet).",
+    "moe_runner_backend": "MoE expert kernels: auto (= torch today), torch (a GEMM pair per chosen expert; the CPU "
+                          "group kernel when quantized) or triton (two grouped GEMMs over all experts; CUDA, opt-in "
+                          "until run on a GPU; on CPU only under TRITON_INTERPRET=1, for tests).",
     "max_running_requests": "Maximum number of requests decoding at once.",
     "max_queued_requests": "Maximum number of waiting requests; beyond it requests get 503 (default: no limit).",
     "chunked_prefill_size": "Maximum prompt tokens prefilled in one step (long prompts are chunked).",
@@ -209,6 +213,7 @@ CHOICES: dict[str, list[str]] = {
     "quantization": ["none", "int8", "int4", "w8a8_int8", "w4a8"],
     "sampling_defaults": ["model", "openai"],
     "attention_backend": ["torch", "triton", "flashinfer"],
+    "moe_runner_backend": ["auto", "torch", "triton"],
 }
 
 # The speculative-decoding flags (checked and resolved by ember.speculative.config).
@@ -311,6 +316,11 @@ def check_server_args(args: ServerArgs, given: set[str] | None = None) -> list[s
             resolve_backend_name(args.attention_backend, device)
         except ValueError as e:
             errors.append(str(e))
+    from ember.layers.moe_runner import resolve_moe_runner
+    try:
+        resolve_moe_runner(args.moe_runner_backend, device, args.quantization)
+    except ValueError as e:
+        errors.append(str(e))
     if device == "cpu":
         if args.disable_cuda_graph:
             logger.info("--disable-cuda-graph is a no-op on CPU (there are no CUDA graphs)")

@@ -18,11 +18,11 @@ import os
 BACKENDS = ("torch", "triton", "flashinfer")
 
 
-def _importable(module: str) -> bool:
+def importable(module: str) -> bool:
     return importlib.util.find_spec(module) is not None
 
 
-def _interpreting() -> bool:
+def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "").lower() in ("1", "true", "on", "yes")
 
 
@@ -37,13 +37,13 @@ def resolve_backend_name(name: str | None, device: str) -> str:
     if name not in BACKENDS:
         raise ValueError(f"--attention-backend {name!r} is not one of {', '.join(BACKENDS)}")
     if name == "triton":
-        if not _importable("triton"):
+        if not importable("triton"):
             raise ValueError("--attention-backend triton needs the `triton` package (pip install triton)")
-        if device_type != "cuda" and not _interpreting():
+        if device_type != "cuda" and not interpreting():
             raise ValueError(f"--attention-backend triton runs on CUDA; on {device_type} only under TRITON_INTERPRET=1 "
                              f"(Triton's interpreter, for tests: very slow). Use --attention-backend torch")
     if name == "flashinfer":
-        if not _importable("flashinfer"):
+        if not importable("flashinfer"):
             raise ValueError("--attention-backend flashinfer needs the `flashinfer` package, which is not installed; "
                              "use torch or triton")
         raise ValueError("--attention-backend flashinfer: FlashInfer is installed but ember has no FlashInfer backend "

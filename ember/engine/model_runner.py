@@ -86,6 +86,8 @@ class ModelRunner:
         self.kv_cache = self._make_kv_cache(server_args)
         self.attn_backend = create_backend(server_args.attention_backend, self.device)
         logger.info("attention backend: %s", self.attn_backend.name)
+        from ember.layers.moe_runner import set_moe_runner
+        self.moe_runner = set_moe_runner(self.model, server_args.moe_runner_backend, self.device, quantization)
         from ember.layers.fused_decode import maybe_fused_decoder
         self.fused_decoder = maybe_fused_decoder(  # (no collectives in the fused step; it does its own attention)
             self.model, self.kv_cache, not server_args.disable_fused_decode and tp_size() == 1

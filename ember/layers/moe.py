@@ -76,6 +76,7 @@ class MoEExperts(nn.Module):
     all-reduce sums every rank's part.
     """
     ep_size, expert_offset = 1, 0  # (class defaults: subclasses that copy attributes predate expert parallel)
+    runner = "torch"  # --moe-runner-backend (ember/layers/moe_runner.py): "triton" runs moe_triton.py's kernels
 
     def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int, act: str = "silu",
                  swiglu_limit: float | None = None, reduce_results: bool = True):
@@ -142,6 +143,9 @@ class MoEExperts(nn.Module):
             return torch.zeros_like(x)
         if self.ep_size > 1:  # ids of the experts held here; the others fall outside [0, num_experts)
             topk_ids = topk_ids - self.expert_offset
+        if self.runner == "triton":  # every expert in two grouped GEMMs, no host synchronisation
+            from ember.layers.moe_triton import fused_experts
+            return fused_experts(self, x, topk_weights, topk_ids)
         if T == 1:  # decode at batch 1: the k chosen experts, no sort, no gather
             return self._one_token(x, topk_weights[0], topk_ids[0])
         flat = topk_ids.reshape(-1)

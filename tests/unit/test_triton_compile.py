@@ -1,4 +1,4 @@
-"""The Triton attention kernels compile for a GPU without one: Triton's whole CUDA pipeline (front end, layouts,
+"""The Triton kernels (attention, MoE) compile for a GPU without one: Triton's whole CUDA pipeline (front end, layouts,
 LLVM, PTX, and cubin through the ptxas its wheel ships) for sm_90 (H100/H200) in bfloat16, at real models'
 shapes, and each fits in the shared memory of a block. What the interpreter cannot check (tl.dot's tile
 constraints, layouts, register and shared-memory budgets) fails here. Runs in a subprocess: the kernels must be
@@ -13,7 +13,7 @@ SHARED_LIMIT = 227 * 1024  # bytes per block on sm_90 (sm_80: 163 KB; every case
 
 # (kernel, head / latent dims as the launchers pick tiles for them)
 CASES = ["decode gqa 32/8 x 128", "decode split-k 8", "combine 8 x 128", "extend gqa 32/8 x 128",
-         "mla decode 512+64 split-k 4", "mla extend 512+64"]
+         "mla decode 512+64 split-k 4", "mla extend 512+64", "moe gate_up 16 rows", "moe down 64 rows weighted"]
 
 
 def _compile_all() -> None:
@@ -23,6 +23,7 @@ def _compile_all() -> None:
     from triton.compiler import ASTSource
 
     from ember.attention import triton_decode, triton_extend, triton_mla
+    from ember.layers import moe_triton
     from ember.attention.triton_common import block, dot_precision
 
     target = GPUTarget("cuda", 90, 32)
@@ -51,6 +52,11 @@ def _compile_all() -> None:
     compile_one(CASES[5], triton_extend._extend_kernel, paged, dict(
         PAGE_SIZE=16, GROUP=20, DK=576, DV=512, BLOCK_DK=block(576), BLOCK_DV=512, BLOCK_M=16, BLOCK_N=16,
         PRECISION=prec), num_stages=1)
+    moe = {"A": "*bf16", "W": "*bf16", "C": "*bf16", "SortedIds": "*i32", "BlockExpert": "*i32", "RouteWeights": "*fp32"}
+    tiles = dict(BLOCK_N=64, BLOCK_K=64, PRECISION=prec)
+    compile_one(CASES[6], moe_triton._grouped_gemm_kernel, moe, dict(tiles, A_DIV=8, MUL_WEIGHT=False, BLOCK_M=16))
+    compile_one(CASES[7], moe_triton._grouped_gemm_kernel, dict(moe, C="*fp32"),
+                dict(tiles, A_DIV=1, MUL_WEIGHT=True, BLOCK_M=64))
 
 
 def test_the_kernels_compile_for_sm90():
