@@ -46,6 +46,7 @@ class ServerArgs:
     chat_template: str | None = None
     trust_remote_code: bool = False
     disable_cuda_graph: bool = False
+    cuda_graph_max_bs: int | None = None  # None: min(128, max_running_requests)
     log_level: str = "info"
     speculative_algorithm: str | None = None
     speculative_draft_model_path: str | None = None
@@ -155,7 +156,12 @@ HELP: dict[str, str] = {
     "chat_template": "Chat template: a path to a Jinja file, or the template text itself "
                      "(default: the tokenizer's own).",
     "trust_remote_code": "Allow custom model/tokenizer code from the model repository (passed to transformers).",
-    "disable_cuda_graph": "Disable CUDA graphs (a no-op on CPU).",
+    "disable_cuda_graph": "Disable CUDA graphs (a no-op on CPU). On CUDA, decode steps are replayed from CUDA graphs "
+                          "when the step can be captured: --attention-backend triton, MoE experts on "
+                          "--moe-runner-backend triton, --tp-size 1 (the log says why not otherwise).",
+    "cuda_graph_max_bs": "Largest decode batch replayed from a CUDA graph (graphs are captured at start for 1, 2, 4, "
+                         "8, 12, 16, 24, ... up to it; larger batches run eagerly). Default: min(128, "
+                         "--max-running-requests).",
     "log_level": "Logging level: debug, info, warning, error, critical.",
     "speculative_algorithm": "Speculative decoding: EAGLE / NEXTN (the model's own MTP layers), STANDALONE (a draft model), NGRAM.",
     "speculative_draft_model_path": "Draft model for --speculative-algorithm STANDALONE (same tokenizer).",
@@ -300,6 +306,8 @@ def check_server_args(args: ServerArgs, given: set[str] | None = None) -> list[s
         errors.append(f"--graceful-shutdown-timeout must be >= 0, got {args.graceful_shutdown_timeout}")
     if args.watchdog_timeout <= 0:
         errors.append(f"--watchdog-timeout must be > 0, got {args.watchdog_timeout}")
+    if args.cuda_graph_max_bs is not None and args.cuda_graph_max_bs < 1:
+        errors.append(f"--cuda-graph-max-bs must be >= 1, got {args.cuda_graph_max_bs}")
     if args.file_max_bytes < 1:
         errors.append(f"--file-max-bytes must be >= 1, got {args.file_max_bytes}")
     if args.file_storage_path is not None:

@@ -3,11 +3,11 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
 
 import torch
 
 from ember.distributed import tp_min_int, tp_size
+from ember.engine.forward_batch import ForwardBatch
 from ember.engine.kv_pool import KVCache
 from ember.engine.logit_rows import logit_rows, split_rows
 from ember.engine.cpu_default_path import choose_weights_path
@@ -19,19 +19,6 @@ from ember.layers.rotary import RotaryEmbedding
 from ember.loader.weight_loading import freed_memory_returned
 
 logger = logging.getLogger("ember.engine")
-
-
-@dataclass
-class ForwardBatch:
-    input_ids: torch.Tensor  # [T]
-    positions: torch.Tensor  # [T]
-    attn: dict[str, object]  # per KV group: attn_backend's metadata (the torch backend's: AttentionMetadata)
-    kv_cache: KVCache
-    logit_index: torch.Tensor  # [B] index (into T) of each request's last token
-    mm: object = None  # images/video: ember.multimodal.engine_glue.BatchMultimodal
-    attn_backend: AttentionBackend | None = None  # runs every attention layer on `attn`
-    trees: list | None = None  # per request its speculative draft tree (ember/speculative/tree.py TreeSpec) or None
-    fused: bool = False  # run by the fused decode step (ModelRunner.forward decides: FusedDecoder.takes)
 
 
 def load_model(model_dir, hf_config, dtype: torch.dtype, device: str, quantization: str | None = None):
@@ -61,6 +48,7 @@ def load_model(model_dir, hf_config, dtype: torch.dtype, device: str, quantizati
 
 class ModelRunner:
     attn_backend: AttentionBackend = TorchSDPABackend()  # (__init__ sets the server's; stateless, so shared)
+    graph_runner = None  # CUDA graphs of decode steps (ember/engine/cuda_graph_runner.py), when they apply
 
     def __init__(self, model_dir, hf_config, server_args):
         self.model_dir = model_dir  # (this node's copy: ranks on other nodes have their own path)
@@ -92,6 +80,8 @@ class ModelRunner:
         self.fused_decoder = maybe_fused_decoder(  # (no collectives in the fused step; it does its own attention)
             self.model, self.kv_cache, not server_args.disable_fused_decode and tp_size() == 1
             and self.attn_backend.name == "torch")
+        from ember.engine.cuda_graph_runner import maybe_graph_runner
+        self.graph_runner = maybe_graph_runner(self, server_args, self.context_limit(server_args))
 
     def _make_kv_cache(self, args) -> KVCache:
         groups = self.model.kv_groups()
@@ -191,6 +181,9 @@ class ModelRunner:
         all_positions: logits at every token instead, [T, vocab].
         full_rows: per request, whether it also wants logits at all of its scheduled tokens (prompt logprobs);
         then returns (last [B, vocab], {i: [n_i, vocab]})."""
+        if (self.graph_runner is not None and not all_positions and not (full_rows and any(full_rows))
+                and self.graph_runner.can_run(reqs, extend_lens)):  # a decode step: a CUDA graph replayed
+            return self.graph_runner.run(reqs)
         fusable = [self.fused_decoder is not None and self.fused_decoder.takes(r, n) for r, n in zip(reqs, extend_lens)]
         if not all_positions and any(fusable) and not all(fusable):
             return self._split_forward(reqs, extend_lens, full_rows, fusable)
