@@ -1,5 +1,6 @@
 """Model fixtures, each loaded once per test session: ember's engine and the transformers reference."""
 import gc
+import json
 import os
 
 import pytest
@@ -97,8 +98,10 @@ def engine_for(request):
         else:
             path = request.getfixturevalue(MODEL_FIXTURES[name])
             # float32: compared against the fp32 reference (on CUDA too; EMBER_TEST_DEVICE=cuda runs them there)
+            # EMBER_TEST_SERVER_ARGS (JSON): more engine arguments for every test, e.g. the GPU run's
+            # {"attention_backend": "triton", "moe_runner_backend": "triton"} (benchmarks/gpu_run.sh)
             kwargs = {"dtype": "float32", "device": os.environ.get("EMBER_TEST_DEVICE", "auto"),
-                      "cpu_kv_cache_gb": 0.25, **kwargs}
+                      "cpu_kv_cache_gb": 0.25, **json.loads(os.environ.get("EMBER_TEST_SERVER_ARGS", "{}")), **kwargs}
             _remember(_engines, key, Engine(model_path=str(path), **kwargs), MAX_ENGINES)
         return _engines[key]
     yield get
