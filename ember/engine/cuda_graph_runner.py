@@ -114,7 +114,7 @@ class DecodeGraphRunner:
         self._pad(B, bs)
         if bs in self.graphs:
             self.graphs[bs].replay()
-            return self.outputs[bs][:B]
+            return self.outputs[bs][:B].clone()  # (the next replay overwrites the graph's output; callers may keep it)
         with torch.inference_mode():
             return self.runner.model(self._static_batch(bs))[:B]
 
