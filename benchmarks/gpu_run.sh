@@ -30,7 +30,8 @@ if [ "$part" = tests ] || [ "$part" = all ]; then
     tests/models/test_glm4_moe_lite.py::test_batched_prompts_of_different_lengths_equal_solo
     tests/models/test_glm4_moe_lite.py::test_chunked_prefill_and_small_pages_match_the_reference
     tests/models/test_glm4_moe_lite.py::test_prefix_cache_reuses_latent_rows
-    tests/models/test_moe_models.py::test_batched_generation_equals_alone"
+    tests/models/test_moe_models.py::test_batched_generation_equals_alone
+    tests/models/test_spec_tree.py::test_tree_mask_gives_each_node_the_logits_of_its_path"
   for kind in tiny-qwen3 tiny-llama tiny-qwen2 tiny-gemma3 tiny-qwen3-moe tiny-minimax-m2 tiny-glm4-moe-lite tiny-step3p5; do
     TESTS="$TESTS tests/models/test_vs_transformers.py::test_logits_and_32_greedy_tokens_match[$kind]"
   done

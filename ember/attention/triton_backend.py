@@ -1,8 +1,8 @@
 """The Triton backend: paged decode / extend kernels that read K/V from the pool's pages (triton_decode.py,
 triton_extend.py, triton_mla.py). Its metadata is per-request lengths and the page table itself, not the
 [B, max_k] slot block and [B, max_q, max_k] mask the torch backend builds, so nothing per key is
-materialized. Causality and sliding windows are computed in the kernels; a custom mask (a speculative draft
-tree) is not supported here: such batches need the torch backend.
+materialized. Causality, sliding windows and speculative draft trees (per-request node positions and visibility
+matrices, `TreeMasks`) are computed in the kernels.
 """
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import torch
 
 from ember.attention.base import AttentionBackend, GroupBatch
 from ember.attention.triton_decode import paged_decode
-from ember.attention.triton_extend import paged_extend
+from ember.attention.triton_extend import TreeMasks, paged_extend
 from ember.attention.triton_mla import paged_mla_decode
 
 
@@ -30,15 +30,13 @@ class PagedMetadata:
     window: int | None
     batch_size: int
     max_q: int
+    trees: TreeMasks | None = None  # speculative draft trees (extend steps only: a one-token tree is plain decode)
 
 
 class TritonBackend(AttentionBackend):
     name = "triton"
 
     def prepare(self, gb: GroupBatch) -> PagedMetadata:
-        if gb.trees is not None:
-            raise NotImplementedError("speculative tree drafts (--speculative-eagle-topk > 1) need a tree attention "
-                                      "mask, which the Triton kernels do not have yet: use --attention-backend torch")
         B, P, device = len(gb.q_start), gb.page_size, gb.device
         width = max(len(t) for t in gb.page_tables)
         pt = torch.tensor([t + [0] * (width - len(t)) for t in gb.page_tables], dtype=torch.int32)
@@ -49,8 +47,10 @@ class TritonBackend(AttentionBackend):
         seq_of_token = torch.repeat_interleave(torch.arange(B), q_lens.long())
         write_slots = pt[seq_of_token, positions // P].long() * P + positions % P
         seq_lens = prefix + q_lens
+        trees = TreeMasks.build(gb.trees, device) if gb.trees is not None and max(gb.q_len) > 1 else None
         return PagedMetadata(write_slots.to(device), pt.to(device), prefix.to(device), q_lens.to(device),
-                             q_loc.to(device), seq_lens.to(device), int(seq_lens.max()), P, gb.window, B, max(gb.q_len))
+                             q_loc.to(device), seq_lens.to(device), int(seq_lens.max()), P, gb.window, B, max(gb.q_len),
+                             trees)
 
     def forward(self, layer, q, k, v, meta: PagedMetadata, kv_cache) -> torch.Tensor:
         k_cache, v_cache = kv_cache.layer(layer.layer_id)
@@ -61,7 +61,7 @@ class TritonBackend(AttentionBackend):
                                meta.window, meta.max_seq_len)
         else:
             out = paged_extend(q, k_cache, v_cache, meta.page_table, meta.prefix_lens, meta.q_loc, meta.q_lens,
-                               meta.max_q, meta.page_size, layer.scale, meta.window)
+                               meta.max_q, meta.page_size, layer.scale, meta.window, trees=meta.trees)
         return out.to(q.dtype).reshape(q.shape[0], -1)
 
     def forward_mla(self, layer, q_nope, q_rope, latent, k_rope, w_uk, w_uv, meta: PagedMetadata,
@@ -78,6 +78,6 @@ class TritonBackend(AttentionBackend):
         else:  # one shared kv "head": keys [c ; k_r], values its first r columns
             q = torch.cat([q_latent, q_rope.to(q_latent.dtype)], dim=-1)
             out = paged_extend(q, cache, cache, meta.page_table, meta.prefix_lens, meta.q_loc, meta.q_lens,
-                               meta.max_q, meta.page_size, layer.scale, meta.window, dv=r)
+                               meta.max_q, meta.page_size, layer.scale, meta.window, dv=r, trees=meta.trees)
         out = torch.bmm(out.to(w_uv.dtype).transpose(0, 1), w_uv.transpose(1, 2)).transpose(0, 1)
         return out.reshape(T, -1).to(q_nope.dtype)

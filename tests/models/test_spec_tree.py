@@ -26,10 +26,12 @@ def _free(runner, tables):
         runner.kv_cache.allocators[g].free(t)
 
 
-@pytest.mark.parametrize("name", ["tiny-step3p5", "tiny-glm4-moe-lite", "tiny-qwen3"])
-def test_tree_mask_gives_each_node_the_logits_of_its_path(name, engine_for):
+@pytest.mark.parametrize("name, backend", [("tiny-step3p5", None), ("tiny-glm4-moe-lite", None), ("tiny-qwen3", None),
+                                           ("tiny-step3p5", "triton"), ("tiny-glm4-moe-lite", "triton")])
+def test_tree_mask_gives_each_node_the_logits_of_its_path(name, backend, engine_for):
+    """(backend triton: the Triton kernels' tree masks, under Triton's interpreter on CPU)"""
     from ember.speculative.tree import DraftTree
-    engine = engine_for(name)
+    engine = engine_for(name, **({"attention_backend": backend} if backend else {}))
     engine.flush_cache()
     runner, V = engine.core.runner, engine.core.vocab_size
     rng = random.Random(0)

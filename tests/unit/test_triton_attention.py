@@ -245,6 +245,56 @@ def test_triton_backend_mla_equals_the_torch_backend(decode, up_project):
     torch.testing.assert_close(outs[1], outs[0], atol=ATOL, rtol=0)
 
 
+def _tree(rng, base, m):
+    """A random draft tree of m nodes at slots base.. (parents first): positions base + depth, each node seeing
+    itself and its ancestors."""
+    from ember.speculative.tree import TreeSpec
+    parents, depth = [-1] + [rng.randrange(j) for j in range(1, m)], [0] * m
+    vis = torch.zeros(m, m, dtype=torch.bool)
+    for j in range(m):
+        depth[j] = depth[parents[j]] + 1 if j else 0
+        a = j
+        while a >= 0:
+            vis[j, a], a = True, parents[a]
+    return TreeSpec(base, [base + d for d in depth], vis)
+
+
+@pytest.mark.parametrize("window", [None, 5])
+@pytest.mark.parametrize("mla", [False, True])
+def test_triton_backend_tree_masks_equal_the_torch_backends(window, mla):
+    """Speculative verify batches: trees from a request's first new slot (a verify) and from inside its new
+    tokens (plain queries before the tree see none of it), beside a request without a tree; with and without a
+    sliding window (by logical positions, which inside a tree run behind the slots); GQA and MLA."""
+    rng, P, H, Hkv, D = random.Random(11), 4, 4, 2, 16
+    torch.manual_seed(11)
+    prefix, q_len = [13, 30, 8], [7, 9, 23]
+    table, slots = ragged_batch(rng, prefix, q_len, P)
+    tables = [[int(p) for p in row if p] for row in table]
+    trees = [_tree(rng, 13, 7), None, _tree(rng, 8 + 3, 20)]
+    gb = GroupBatch(prefix, q_len, tables, P, window, "cpu", trees)
+    T = sum(q_len)
+    outs = []
+    for backend in (TorchSDPABackend(), TritonBackend()):
+        meta = backend.prepare(gb)
+        if mla:
+            r, dr, dn, dv = 256, 16, 8, 12  # (rows of 272: query blocks of 16, so a block starts inside a tree)
+            torch.manual_seed(12)
+            pool = _Pool(torch.randn(slots, 1, r + dr), None)
+            args = (torch.randn(T, H, dn), torch.randn(T, H, dr), torch.randn(T, r), torch.randn(T, dr),
+                    torch.randn(H, dn, r) * 0.3, torch.randn(H, dv, r) * 0.3)
+            layer = SimpleNamespace(num_heads=H, kv_lora_rank=r, qk_nope_head_dim=dn, qk_rope_head_dim=dr,
+                                    v_head_dim=dv, scale=0.2, layer_id=0, up_project_from=float("inf"))
+            outs.append(backend.forward_mla(layer, *args, meta, pool))
+        else:
+            torch.manual_seed(12)
+            pool = _Pool(torch.randn(slots, Hkv, D), torch.randn(slots, Hkv, D))
+            q, k, v = torch.randn(T, H, D), torch.randn(T, Hkv, D), torch.randn(T, Hkv, D)
+            layer = SimpleNamespace(num_heads=H, num_kv_heads=Hkv, head_dim=D, scale=D ** -0.5, layer_id=0)
+            outs.append(backend.forward(layer, q, k, v, meta, pool))
+    # (MLA's 272-wide rows and outputs up to ~20: measured max error 1.1e-5)
+    torch.testing.assert_close(outs[1], outs[0], atol=2e-5 if mla else ATOL, rtol=0)
+
+
 def test_torch_backend_decode_metadata_equals_the_general_one():
     """TorchSDPABackend's decode-step shortcut builds what its general path builds."""
     rng = random.Random(0)

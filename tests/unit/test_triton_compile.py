@@ -13,7 +13,8 @@ SHARED_LIMIT = 227 * 1024  # bytes per block on sm_90 (sm_80: 163 KB; every case
 
 # (kernel, head / latent dims as the launchers pick tiles for them)
 CASES = ["decode gqa 32/8 x 128", "decode split-k 8", "combine 8 x 128", "extend gqa 32/8 x 128",
-         "mla decode 512+64 split-k 4", "mla extend 512+64", "moe gate_up 16 rows", "moe down 64 rows weighted"]
+         "mla decode 512+64 split-k 4", "mla extend 512+64", "moe gate_up 16 rows", "moe down 64 rows weighted",
+         "extend gqa 32/8 x 128 tree"]
 
 
 def _compile_all() -> None:
@@ -38,25 +39,28 @@ def _compile_all() -> None:
 
     paged = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "O": "*bf16", "Lse": "*fp32", "PageTable": "*i32",
              "SeqLens": "*i32", "Prefix": "*i32", "QLoc": "*i32", "QLen": "*i32", "QL": "*bf16", "QR": "*bf16",
-             "Cache": "*bf16", "Mid": "*fp32"}
+             "Cache": "*bf16", "Mid": "*fp32", "TreeBase": "*i32", "TreeSize": "*i32", "TreePosOff": "*i32",
+             "TreeVisOff": "*i32", "TreePos": "*i32", "TreeVis": "*i8"}
     split = dict(paged, O="*fp32")  # split-K writes float32 partial outputs
     gqa = dict(PAGE_SIZE=16, GROUP=4, BLOCK_H=block(4), DK=128, DV=128, BLOCK_DK=128, BLOCK_DV=128, BLOCK_N=64,
                PRECISION=prec)
     compile_one(CASES[0], triton_decode._decode_kernel, paged, dict(gqa, NUM_SPLITS=1))
     compile_one(CASES[1], triton_decode._decode_kernel, split, dict(gqa, NUM_SPLITS=8))
     compile_one(CASES[2], triton_decode._combine_kernel, paged, dict(DV=128, BLOCK_DV=128, NUM_SPLITS=8))
-    compile_one(CASES[3], triton_extend._extend_kernel, paged, dict(
-        PAGE_SIZE=16, GROUP=4, DK=128, DV=128, BLOCK_DK=128, BLOCK_DV=128, BLOCK_M=64, BLOCK_N=64, PRECISION=prec))
+    extend = dict(PAGE_SIZE=16, GROUP=4, DK=128, DV=128, BLOCK_DK=128, BLOCK_DV=128, BLOCK_M=64, BLOCK_N=64,
+                  PRECISION=prec)
+    compile_one(CASES[3], triton_extend._extend_kernel, paged, dict(extend, HAS_TREE=False))
     compile_one(CASES[4], triton_mla._mla_decode_kernel, split, dict(
         PAGE_SIZE=16, R=512, DR=64, BLOCK_R=512, BLOCK_DR=64, BLOCK_H=16, BLOCK_N=32, PRECISION=prec, NUM_SPLITS=4))
     compile_one(CASES[5], triton_extend._extend_kernel, paged, dict(
         PAGE_SIZE=16, GROUP=20, DK=576, DV=512, BLOCK_DK=block(576), BLOCK_DV=512, BLOCK_M=16, BLOCK_N=16,
-        PRECISION=prec), num_stages=1)
+        PRECISION=prec, HAS_TREE=False), num_stages=1)
     moe = {"A": "*bf16", "W": "*bf16", "C": "*bf16", "SortedIds": "*i32", "BlockExpert": "*i32", "RouteWeights": "*fp32"}
     tiles = dict(BLOCK_N=64, BLOCK_K=64, PRECISION=prec)
     compile_one(CASES[6], moe_triton._grouped_gemm_kernel, moe, dict(tiles, A_DIV=8, MUL_WEIGHT=False, BLOCK_M=16))
     compile_one(CASES[7], moe_triton._grouped_gemm_kernel, dict(moe, C="*fp32"),
                 dict(tiles, A_DIV=1, MUL_WEIGHT=True, BLOCK_M=64))
+    compile_one(CASES[8], triton_extend._extend_kernel, paged, dict(extend, HAS_TREE=True))
 
 
 def test_the_kernels_compile_for_sm90():
