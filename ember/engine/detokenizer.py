@@ -7,9 +7,25 @@ stop string is held back until it is clearly not one.
 from __future__ import annotations
 
 
+def _rust_decode(tokenizer):
+    """The Rust tokenizer's own decode where transformers' `decode` would return exactly its result (a fast
+    tokenizer with neither decode overridden nor clean-up of spaces): the wrapper's argument conversion was ~60 % of
+    each call, and each output token costs two calls (~1.4 ms a step at 64 running requests). None otherwise."""
+    try:
+        from transformers.tokenization_utils_tokenizers import TokenizersBackend
+    except ImportError:  # (transformers 4.x names it otherwise: keep its decode)
+        return None
+    cls = type(tokenizer)
+    if (not isinstance(tokenizer, TokenizersBackend) or cls.decode is not TokenizersBackend.decode
+            or cls._decode is not TokenizersBackend._decode or tokenizer.clean_up_tokenization_spaces):
+        return None
+    return tokenizer._tokenizer.decode
+
+
 class IncrementalDetokenizer:
     def __init__(self, tokenizer, prompt_ids: list[int], stop: list[str], skip_special_tokens: bool = True):
         self.tokenizer = tokenizer
+        self.rust_decode = _rust_decode(tokenizer)
         self.skip_special_tokens = skip_special_tokens
         self.stop = [s for s in stop if s]
         self.max_stop_len = max((len(s) for s in self.stop), default=0)
@@ -21,6 +37,8 @@ class IncrementalDetokenizer:
         self.sent = 0  # characters of self.text already reported
 
     def _decode(self, ids) -> str:
+        if self.rust_decode is not None:
+            return self.rust_decode(ids, skip_special_tokens=self.skip_special_tokens)
         return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)
 
     def add(self, token_id: int) -> str | None:
