@@ -47,6 +47,7 @@ class ServerArgs:
     trust_remote_code: bool = False
     disable_cuda_graph: bool = False
     cuda_graph_max_bs: int | None = None  # None: min(128, max_running_requests)
+    disable_overlap_schedule: bool = False
     log_level: str = "info"
     speculative_algorithm: str | None = None
     speculative_draft_model_path: str | None = None
@@ -159,6 +160,8 @@ HELP: dict[str, str] = {
     "disable_cuda_graph": "Disable CUDA graphs (a no-op on CPU). On CUDA, decode steps are replayed from CUDA graphs "
                           "when the step can be captured: --attention-backend triton, MoE experts on "
                           "--moe-runner-backend triton, --tp-size 1 (the log says why not otherwise).",
+    "disable_overlap_schedule": "Disable overlap scheduling (on CUDA, decode step N+1 is launched before step N's "
+                                "tokens are read, so the host's work overlaps the GPU's; a no-op on CPU).",
     "cuda_graph_max_bs": "Largest decode batch replayed from a CUDA graph (graphs are captured at start for 1, 2, 4, "
                          "8, 12, 16, 24, ... up to it; larger batches run eagerly). Default: min(128, "
                          "--max-running-requests).",

@@ -74,6 +74,8 @@ class EngineCore:
         self.num_generated = 0
         from ember.speculative import make_spec_worker
         self.spec = make_spec_worker(self, args)  # None unless --speculative-algorithm
+        from ember.engine.overlap import make_overlap
+        self.overlap = make_overlap(self, args)  # launches decode step N+1 before reading step N's tokens (CUDA)
 
     # ------------------------------------------------------------------ requests
     def add_request(self, g: GenerateReq) -> None:
@@ -129,7 +131,8 @@ class EngineCore:
             self._aborted.append(req)
 
     def has_work(self) -> bool:
-        return self.scheduler.has_work() or bool(self._aborted or self._compiling)
+        return (self.scheduler.has_work() or bool(self._aborted or self._compiling)
+                or (self.overlap is not None and self.overlap.pending))
 
     def shutdown(self) -> None:
         """Stop the other tensor-parallel ranks, if any."""
@@ -139,6 +142,8 @@ class EngineCore:
     def flush_cache(self) -> bool:
         if self.scheduler.has_work():
             return False
+        if self.overlap is not None:  # a step in flight whose requests have all finished: nothing to report
+            self.overlap.resolve()
         return self.radix.reset() if self.radix is not None else True
 
     def stats(self) -> dict:
@@ -198,6 +203,11 @@ class EngineCore:
         self._aborted.clear()
         self.step_rids = None
         batch = self.scheduler.schedule()
+        overlapped = self.overlap is not None and batch is not None and self.overlap.takes(batch)
+        if self.overlap is not None and not overlapped:
+            outs += self.overlap.resolve()  # a step in flight: its tokens are read before any other step runs
+            if batch is not None:  # requests that finished at that step leave this one
+                batch = batch.without([r.finished for r in batch.reqs])
         if batch is None:
             return outs
         # the requests this step runs: if it raises, the engine process fails these and keeps the rest
@@ -209,6 +219,8 @@ class EngineCore:
                 req.queue_time = time.monotonic() - req.arrival
         if self.spec is not None:  # draft, verify in one forward, accept, roll back (ember/speculative)
             return outs + self.spec.step(self, batch)
+        if overlapped:  # launched; what comes back is the step before it (ember/engine/overlap.py)
+            return outs + self.overlap.launch(batch)
         wants_prompt = [r.return_prompt_logprobs and r.kv_len < len(r.prompt_ids) for r in batch.reqs]
         if any(wants_prompt):
             logits, full = self.runner.forward(batch.reqs, batch.extend_lens, full_rows=wants_prompt)
@@ -264,11 +276,18 @@ class EngineCore:
             req.forced_ids = list(end_ids)
             req.thinking_closed = True
 
-    def _append_token(self, req: Req, tok: int, logprob) -> None:
+    def _append_token(self, req: Req, tok: int, logprob, index: int | None = None) -> None:
+        """A sampled token joins the request (index: it replaces the placeholder there, ember/engine/overlap.py),
+        then the stop conditions."""
         sp = req.sampling
         if req.forced_ids:
             tok, logprob = req.forced_ids.pop(0), None
-        req.token_ids.append(tok)
+        if index is None:
+            req.token_ids.append(tok)
+            num_output = req.num_output
+        else:
+            req.token_ids[index] = tok
+            num_output = index + 1 - len(req.prompt_ids)
         req.pending_ids.append(tok)
         if logprob is not None:
             req.pending_logprobs.append(logprob)
@@ -284,7 +303,7 @@ class EngineCore:
             matched = req.detok.add(tok)
             if matched is not None:
                 req.finished, req.finish_reason, req.matched_stop = True, "stop", matched
-        if not req.finished and req.num_output >= sp.max_new_tokens:
+        if not req.finished and num_output >= sp.max_new_tokens:
             req.finished, req.finish_reason = True, "length"
         if not req.finished and sp.thinking_budget is not None:
             self._apply_thinking_budget(req)
@@ -295,7 +314,8 @@ class EngineCore:
         out = TokenOut(
             rid=req.rid, new_token_ids=req.pending_ids, text_delta=req.detok.take_delta(final=req.finished),
             finished=req.finished, finish_reason=req.finish_reason, matched_stop=req.matched_stop,
-            prompt_tokens=len(req.prompt_ids), completion_tokens=req.num_output,
+            prompt_tokens=len(req.prompt_ids),
+            completion_tokens=req.num_output - (req.token_ids[-1] < 0),  # (not the next step's placeholder: overlap)
             cached_tokens=req.cached_tokens or 0, logprobs=req.pending_logprobs or None, error=req.error,
             queue_time=req.queue_time)
         if req.prompt_logprobs is not None and len(req.prompt_logprobs) == len(req.prompt_ids):

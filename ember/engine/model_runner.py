@@ -49,6 +49,7 @@ def load_model(model_dir, hf_config, dtype: torch.dtype, device: str, quantizati
 class ModelRunner:
     attn_backend: AttentionBackend = TorchSDPABackend()  # (__init__ sets the server's; stateless, so shared)
     graph_runner = None  # CUDA graphs of decode steps (ember/engine/cuda_graph_runner.py), when they apply
+    future_ids = None  # overlap scheduling: the step in flight's sampled ids [rows], for placeholders -(row + 1)
 
     def __init__(self, model_dir, hf_config, server_args):
         self.model_dir = model_dir  # (this node's copy: ranks on other nodes have their own path)
@@ -102,6 +103,9 @@ class ModelRunner:
             batch = self._decode_batch(reqs)
         else:
             batch = self._general_batch(reqs, extend_lens)
+        if self.future_ids is not None:  # tokens not yet read back (ember/engine/overlap.py): taken on the device
+            ids = batch.input_ids
+            batch.input_ids = torch.where(ids < 0, self.future_ids.index_select(0, (-ids - 1).clamp(min=0)), ids)
         if any(getattr(r, "mm", None) is not None for r in reqs):  # images/video: embeddings, M-RoPE positions
             from ember.multimodal.engine_glue import attach_multimodal
             attach_multimodal(self.model, batch, reqs, extend_lens)

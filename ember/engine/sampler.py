@@ -77,6 +77,14 @@ class Sampler:
     def sample(self, logits: torch.Tensor, reqs: list[Req], grammar_mask=None):
         """logits: [B, V] float32 (raw model output). Returns (next_ids [B] list, logprob info or None).
         grammar_mask: (packed bitmask, rows) from GrammarBackend.bitmask, applied after the penalties."""
+        next_ids = self.sample_ids(logits, reqs, grammar_mask).tolist()  # (the step's one device sync)
+        logprob_info = None
+        if any(r.sampling.logprobs is not None for r in reqs):
+            logprob_info = self.logprobs(logits, next_ids, [r.sampling.logprobs for r in reqs])
+        return next_ids, logprob_info
+
+    def sample_ids(self, logits: torch.Tensor, reqs: list[Req], grammar_mask=None) -> torch.Tensor:
+        """The sampled token ids [B], left on the logits' device (nothing here waits for the device)."""
         raw = logits
         logits = self.apply_penalties_and_bias(raw, reqs)
         if grammar_mask is not None:
@@ -92,11 +100,7 @@ class Sampler:
             probs, token_ids = self.candidates(torch.softmax(logits / temps, dim=-1), sps)
             sampled = self._draw(probs, token_ids, reqs)
             next_ids = torch.where(greedy, next_ids, sampled)
-        next_ids = next_ids.tolist()
-        logprob_info = None
-        if any(sp.logprobs is not None for sp in sps):
-            logprob_info = self.logprobs(raw, next_ids, [sp.logprobs for sp in sps])
-        return next_ids, logprob_info
+        return next_ids
 
     def candidates(self, probs: torch.Tensor, sps) -> tuple[torch.Tensor, torch.Tensor]:
         """Truncate by top_k / top_p / min_p / top_a. Returns (probs [B, W], token ids [B, W]): W = V in

@@ -24,6 +24,13 @@ class ScheduledBatch:
     reqs: list[Req]
     extend_lens: list[int]  # tokens each request runs this step (starting at its kv_len)
 
+    def without(self, drop: list[bool]) -> ScheduledBatch | None:
+        """The batch less the requests marked in `drop` (None if that leaves none)."""
+        keep = [i for i, d in enumerate(drop) if not d]
+        if len(keep) == len(self.reqs):
+            return self
+        return ScheduledBatch([self.reqs[i] for i in keep], [self.extend_lens[i] for i in keep]) if keep else None
+
 
 class Scheduler:
     def __init__(self, allocators: dict[str, PageAllocator], page_size: int, *, window: int | None = None,

@@ -1,0 +1,115 @@
+"""Overlap scheduling (SGLang's overlap scheduler): the host launches decode step N+1 before it reads step N's
+tokens, so on a GPU the host's work around a step (scheduling, building the batch, detokenizing, stop checks,
+streaming) runs while the device computes, instead of the device idling through it.
+
+How: a launched step's sampled tokens stay on the device, with a copy to the host enqueued right behind them;
+each request gets the placeholder -(row + 1) as its next token, and the next step's input ids take the device's
+tokens in place of placeholders (`ModelRunner.future_ids`). Once step N+1 is launched, step N's tokens are read
+(waiting for step N alone) and go through the per-token path the engine uses without overlap
+(`EngineCore._append_token`, at the placeholder's index). A request that finished at step N was already scheduled
+into N+1: its row there is dropped and its KV for it is never used.
+
+Only plain decode steps overlap: one token per request, no grammar, logprobs, penalties (they read the tokens so
+far), thinking budget, images or speculative decoding. Any other step first resolves the step in flight and runs
+as before. On by default on CUDA at tp 1 (`--disable-overlap-schedule`); off on CPU, where the forward runs on the
+host and there is nothing to overlap (the tests turn it on there to check that the tokens are the same).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ember.engine.io_struct import TokenOut
+from ember.engine.request import Req
+
+
+@dataclass
+class InFlight:
+    """A launched step: its requests, the index of each one's placeholder in its token_ids, its sampled tokens on
+    the device and their host copy (ready once `event` has passed; None on CPU, where it is ready at once)."""
+    reqs: list[Req]
+    index: list[int]
+    device_ids: torch.Tensor
+    host_ids: torch.Tensor
+    event: object = None
+
+    def tokens(self) -> list[int]:
+        if self.event is not None:
+            self.event.synchronize()
+        return self.host_ids.tolist()
+
+
+def plain(req: Req) -> bool:
+    """Whether a request's next token can be sampled before its previous one is known on the host."""
+    sp = req.sampling
+    return (req.grammar is None and sp.logprobs is None and not sp.frequency_penalty and not sp.presence_penalty
+            and sp.repetition_penalty == 1.0 and sp.thinking_budget is None and not req.forced_ids
+            and not req.return_prompt_logprobs and getattr(req, "mm", None) is None)
+
+
+class OverlapStep:
+    def __init__(self, core):
+        self.core = core
+        self.inflight: InFlight | None = None
+
+    @property
+    def pending(self) -> bool:
+        return self.inflight is not None
+
+    @staticmethod
+    def takes(batch) -> bool:
+        return all(n == 1 for n in batch.extend_lens) and all(plain(r) for r in batch.reqs)
+
+    def launch(self, batch) -> list[TokenOut]:
+        """Run `batch` (a plain decode step) without reading its tokens; then resolve the step before it."""
+        core, prev = self.core, self.inflight
+        core.runner.future_ids = prev.device_ids if prev is not None else None
+        try:
+            logits = core.runner.forward(batch.reqs, batch.extend_lens)
+        finally:
+            core.runner.future_ids = None
+        ids = core.sampler.sample_ids(logits, batch.reqs)
+        event = None
+        if ids.is_cuda:  # the host copy, enqueued behind the sampling and awaited only when resolved
+            host = torch.empty(ids.shape, dtype=ids.dtype, pin_memory=True)
+            host.copy_(ids, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+        else:
+            host = ids
+        index = []
+        for row, req in enumerate(batch.reqs):
+            req.kv_len += 1
+            index.append(len(req.token_ids))
+            req.token_ids.append(-(row + 1))
+        self.inflight = InFlight(list(batch.reqs), index, ids, host, event)
+        return self._resolve(prev) if prev is not None else []
+
+    def resolve(self) -> list[TokenOut]:
+        """Read the step in flight, if any, and report its tokens (before any other step reads token_ids)."""
+        prev, self.inflight = self.inflight, None
+        return self._resolve(prev) if prev is not None else []
+
+    def _resolve(self, step: InFlight) -> list[TokenOut]:
+        core, outs = self.core, []
+        for req, i, tok in zip(step.reqs, step.index, step.tokens()):
+            if req.finished:  # finished (or aborted) at an earlier step: this row is dropped
+                continue
+            core._append_token(req, tok, None, index=i)
+            if req.finished:  # drop the placeholder of a step launched since (the KV it writes is of this token)
+                del req.token_ids[i + 1:]
+                if req in core.scheduler.running:
+                    core.scheduler.finish(req)
+                else:  # preempted since it was launched: it waits, holding no pages
+                    core.scheduler.remove(req.rid)
+            outs.append(core._report(req))
+        return outs
+
+
+def make_overlap(core, args) -> OverlapStep | None:
+    """The engine's OverlapStep: on CUDA at tp 1 without speculative decoding, unless --disable-overlap-schedule."""
+    from ember.distributed import tp_size
+    if args.disable_overlap_schedule or core.spec is not None or tp_size() > 1:
+        return None
+    return OverlapStep(core) if str(core.runner.device).startswith("cuda") else None

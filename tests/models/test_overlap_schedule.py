@@ -1,0 +1,131 @@
+"""Overlap scheduling (ember/engine/overlap.py) gives the tokens, texts, finish reasons and counts of the engine
+without it. It is on only on CUDA; here it is switched on for the same engine on CPU, where each launched step is
+already computed, so what is checked is the bookkeeping: placeholders and their device substitution, tokens read
+one step late, requests that finished at the step just read being dropped from the next, steps that cannot overlap
+(logprobs, penalties, grammar, prefill) resolving the step in flight first, preemption, aborts, pools left empty."""
+import random
+
+import pytest
+
+from ember.engine.io_struct import GenerateReq
+from ember.engine.overlap import OverlapStep
+from ember.engine.sampling_params import SamplingParams
+from tests.models.checks import assert_pools_empty
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_qwen3_dir):
+    from ember import Engine
+    eng = Engine(model_path=str(tiny_qwen3_dir), dtype="float32", device="cpu", page_size=4,
+                 max_total_tokens=200, max_running_requests=16)  # a small pool: the long batch preempts
+    assert eng.core.overlap is None  # (off on CPU)
+    yield eng
+    eng.shutdown()
+
+
+def _run(engine, overlap: bool, requests):
+    """requests: [(prompt ids, sampling dict)] -> per request (output ids, text, finish reason, completion tokens),
+    and how many steps were launched overlapped."""
+    core = engine.core
+    engine.flush_cache()
+    launches = []
+    core.overlap = OverlapStep(core) if overlap else None
+    if overlap:
+        launch = core.overlap.launch
+        core.overlap.launch = lambda batch: launches.append(len(batch.reqs)) or launch(batch)
+    forward, finish = core.runner.forward, core.scheduler.finish
+
+    def checked_forward(reqs, lens, **kw):
+        """A step run without overlap (no step in flight) never carries a request that has finished."""
+        assert core.runner.future_ids is not None or not any(r.finished for r in reqs)
+        return forward(reqs, lens, **kw)
+
+    def checked_finish(req):
+        """A finished request holds no placeholder: what the prefix cache takes is its real tokens."""
+        assert min(req.token_ids) >= 0
+        return finish(req)
+    core.runner.forward, core.scheduler.finish = checked_forward, checked_finish
+    try:
+        outs = engine.generate(input_ids=[p for p, _ in requests], sampling_params=[s for _, s in requests])
+    finally:
+        core.overlap = None
+        del core.runner.forward, core.scheduler.finish
+    assert_pools_empty(engine)
+    return [(o["output_ids"], o["text"], o["meta_info"]["finish_reason"], o["meta_info"]["completion_tokens"])
+            for o in outs], launches
+
+
+def _requests(rng, n, vocab):
+    greedy = {"temperature": 0, "ignore_eos": True}
+    out = []
+    for i in range(n):
+        prompt = [rng.randrange(3, vocab) for _ in range(rng.randint(3, 30))]
+        kind = i % 6
+        if kind == 0:
+            s = dict(greedy, max_new_tokens=rng.randint(1, 20))
+        elif kind == 1:  # seeded sampling: the draw depends on the output position
+            s = {"temperature": 0.9, "top_p": 0.9, "seed": 1000 + i, "max_new_tokens": 16, "ignore_eos": True}
+        elif kind == 2:  # EOS may end it at any step
+            s = {"temperature": 1.0, "seed": 7 + i, "max_new_tokens": 24, "min_new_tokens": 3}
+        elif kind == 3:  # a stop string
+            s = dict(greedy, max_new_tokens=20, stop=["a", "e"])
+        elif kind == 4:  # stop token ids
+            s = dict(greedy, max_new_tokens=20, stop_token_ids=list(range(3, vocab, 7)))
+        else:
+            s = dict(greedy, max_new_tokens=12, logit_bias={5: 2.0})
+        out.append((prompt, s))
+    return out
+
+
+def test_overlapped_decode_gives_the_same_outputs(engine):
+    rng = random.Random(0)
+    requests = _requests(rng, 24, engine.core.vocab_size)
+    plain, _ = _run(engine, False, requests)
+    overlapped, launches = _run(engine, True, requests)
+    assert overlapped == plain
+    assert len(launches) > 20 and max(launches) > 1  # decode steps did overlap, batched
+    assert engine.core.scheduler.total_preemptions > 0  # (the pool is small: both runs preempted)
+    assert {r[2]["type"] for r in plain} >= {"length", "stop"}
+
+
+def test_steps_that_cannot_overlap_resolve_the_step_in_flight_first(engine):
+    """Requests that read their own tokens (penalties, logprobs) or need a mask (grammar) join running plain ones:
+    those steps run without overlap, after the step in flight has been read."""
+    rng = random.Random(1)
+    requests = _requests(rng, 8, engine.core.vocab_size)
+    greedy = {"temperature": 0, "ignore_eos": True, "max_new_tokens": 10}
+    requests += [([5, 6, 7, 8], dict(greedy, repetition_penalty=1.3)),
+                 ([9, 10, 11], dict(greedy, logprobs=2)),
+                 ([12, 13], dict(greedy, frequency_penalty=0.5, presence_penalty=0.2)),
+                 ([14, 15, 16, 17, 18], dict(greedy, regex="[a-d]{3,6}"))]
+    plain, _ = _run(engine, False, requests)
+    overlapped, launches = _run(engine, True, requests)
+    assert overlapped == plain and launches
+
+
+def test_an_abort_while_a_step_is_in_flight(engine):
+    core = engine.core
+    engine.flush_cache()
+    core.overlap = OverlapStep(core)
+    try:
+        for i in range(3):
+            core.add_request(GenerateReq(f"a{i}", [3 + i, 4, 5, 6], SamplingParams(max_new_tokens=30, temperature=0,
+                                                                                 ignore_eos=True)))
+        outs = []
+        for _ in range(6):
+            outs += core.step()
+        assert core.overlap.pending
+        core.abort("a1")
+        while core.has_work():
+            outs += core.step()
+    finally:
+        core.overlap = None
+    for rid in ("a0", "a1", "a2"):  # every report counts the tokens reported so far, no placeholder
+        mine = [o for o in outs if o.rid == rid]
+        assert all(o.completion_tokens == sum(len(p.new_token_ids) for p in mine[:j + 1])
+                   for j, o in enumerate(mine) if o.finish_reason != "abort")
+    done = {o.rid: o for o in outs if o.finished}
+    assert done["a1"].finish_reason == "abort" and done["a0"].completion_tokens == 30
+    ids = {rid: [t for o in outs if o.rid == rid for t in o.new_token_ids] for rid in ("a0", "a2")}
+    assert all(len(v) == 30 and min(v) >= 0 for v in ids.values())
+    assert_pools_empty(engine)
