@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from ember.attention.base import AttentionBackend, GroupBatch
 from ember.layers.attention import AttentionMetadata
+from ember.host_to_device import to_device
 
 
 class TorchSDPABackend(AttentionBackend):
@@ -38,11 +39,12 @@ class TorchSDPABackend(AttentionBackend):
         if min(pos) + 1 < max_k:  # unequal lengths: padding keys read slot 0 and are masked out
             valid = torch.arange(max_k).unsqueeze(0) < k_len.unsqueeze(1)
             kv_slots = torch.where(valid, kv_slots, torch.zeros_like(kv_slots))
-            mask = valid.view(B, 1, 1, max_k).to(device)
+            mask = to_device(valid.view(B, 1, 1, max_k), device)
         write_slots = torch.tensor([t[p // P] * P + p % P for t, p in zip(tables, pos)])
         rows = torch.arange(B, device=device)
-        return AttentionMetadata(write_slots=write_slots.to(device), kv_slots=kv_slots.contiguous().to(device),
-                                 mask=mask, q_pad_index=rows, kv_lens=k_len.to(device), batch_size=B, max_q=1)
+        return AttentionMetadata(write_slots=to_device(write_slots, device),
+                                 kv_slots=to_device(kv_slots.contiguous(), device), mask=mask, q_pad_index=rows,
+                                 kv_lens=to_device(k_len, device), batch_size=B, max_q=1)
 
     @staticmethod
     def _general(gb: GroupBatch) -> AttentionMetadata:
@@ -90,9 +92,9 @@ class TorchSDPABackend(AttentionBackend):
         if max_q == 1 and bool(k_valid.all()) and trees is None:
             mask = None  # decode without padding: every gathered key is visible, skip the mask
         return AttentionMetadata(
-            write_slots=write_slots.to(device), kv_slots=kv_slots.to(device),
-            mask=None if mask is None else mask.unsqueeze(1).to(device), q_pad_index=q_pad_index.to(device),
-            kv_lens=k_len.to(device), batch_size=B, max_q=max_q)
+            write_slots=to_device(write_slots, device), kv_slots=to_device(kv_slots, device),
+            mask=None if mask is None else to_device(mask.unsqueeze(1), device),
+            q_pad_index=to_device(q_pad_index, device), kv_lens=to_device(k_len, device), batch_size=B, max_q=max_q)
 
     # ------------------------------------------------------------------ multi-head (GQA) attention
     def forward(self, layer, q, k, v, meta: AttentionMetadata, kv_cache) -> torch.Tensor:

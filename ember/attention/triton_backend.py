@@ -14,6 +14,7 @@ from ember.attention.base import AttentionBackend, GroupBatch
 from ember.attention.triton_decode import paged_decode
 from ember.attention.triton_extend import TreeMasks, paged_extend
 from ember.attention.triton_mla import paged_mla_decode
+from ember.host_to_device import to_device
 
 
 @dataclass
@@ -48,9 +49,8 @@ class TritonBackend(AttentionBackend):
         write_slots = pt[seq_of_token, positions // P].long() * P + positions % P
         seq_lens = prefix + q_lens
         trees = TreeMasks.build(gb.trees, device) if gb.trees is not None and max(gb.q_len) > 1 else None
-        return PagedMetadata(write_slots.to(device), pt.to(device), prefix.to(device), q_lens.to(device),
-                             q_loc.to(device), seq_lens.to(device), int(seq_lens.max()), P, gb.window, B, max(gb.q_len),
-                             trees)
+        up = [to_device(t, device) for t in (write_slots, pt, prefix, q_lens, q_loc, seq_lens)]
+        return PagedMetadata(*up, int(seq_lens.max()), P, gb.window, B, max(gb.q_len), trees)
 
     def forward(self, layer, q, k, v, meta: PagedMetadata, kv_cache) -> torch.Tensor:
         k_cache, v_cache = kv_cache.layer(layer.layer_id)

@@ -24,6 +24,7 @@ import triton
 import triton.language as tl
 
 from ember.attention.triton_common import NO_WINDOW, block, dot_precision, paged_slots, softmax_block, softmax_output
+from ember.host_to_device import to_device
 
 
 @dataclass
@@ -45,10 +46,9 @@ class TreeMasks:
         vis_off = torch.tensor([0] + [m * m for m in sizes[:-1]]).cumsum(0)
         pos = [torch.tensor(t.pos) for t in trees if t is not None] or [torch.zeros(1)]
         vis = [t.vis.reshape(-1) for t in trees if t is not None] or [torch.zeros(1)]
-        int32 = dict(dtype=torch.int32, device=device)
-        return TreeMasks(torch.tensor([t.base if t is not None else NO_WINDOW for t in trees], **int32),
-                         torch.tensor(sizes, **int32), pos_off.to(**int32), vis_off.to(**int32),
-                         torch.cat(pos).to(**int32), torch.cat(vis).to(device=device, dtype=torch.int8))
+        host = (torch.tensor([t.base if t is not None else NO_WINDOW for t in trees]), torch.tensor(sizes), pos_off,
+                vis_off, torch.cat(pos))
+        return TreeMasks(*(to_device(t.int(), device) for t in host), to_device(torch.cat(vis).to(torch.int8), device))
 
 
 @triton.jit

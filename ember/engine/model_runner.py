@@ -17,6 +17,7 @@ from ember.attention.base import AttentionBackend, GroupBatch
 from ember.attention.torch_sdpa import TorchSDPABackend
 from ember.layers.rotary import RotaryEmbedding
 from ember.loader.weight_loading import freed_memory_returned
+from ember.host_to_device import device_tensor, to_device
 
 logger = logging.getLogger("ember.engine")
 
@@ -125,7 +126,7 @@ class ModelRunner:
         pos = [r.kv_len for r in reqs]
         attn = ModelRunner._attention_metadata(self, reqs, [1] * len(reqs))
         input_ids = torch.tensor([r.token_ids[p] for r, p in zip(reqs, pos)])
-        return ForwardBatch(input_ids.to(self.device), torch.tensor(pos).to(self.device), attn, self.kv_cache,
+        return ForwardBatch(to_device(input_ids, self.device), device_tensor(pos, self.device), attn, self.kv_cache,
                             torch.arange(len(reqs), device=self.device), attn_backend=self.attn_backend)
 
     def _general_batch(self, reqs, extend_lens) -> ForwardBatch:
@@ -142,8 +143,8 @@ class ModelRunner:
             trees = None
         attn = ModelRunner._attention_metadata(self, reqs, extend_lens, trees)
         logit_index = torch.cumsum(torch.tensor(extend_lens), 0) - 1
-        return ForwardBatch(input_ids.to(self.device), positions.to(self.device), attn, self.kv_cache,
-                            logit_index.to(self.device), attn_backend=self.attn_backend, trees=trees)
+        return ForwardBatch(to_device(input_ids, self.device), to_device(positions, self.device), attn, self.kv_cache,
+                            to_device(logit_index, self.device), attn_backend=self.attn_backend, trees=trees)
 
     def move_kv(self, moves: dict) -> None:
         """Copy KV rows between pool slots in every layer: per KV group (destination slots, source slots), all
@@ -199,7 +200,7 @@ class ModelRunner:
         if not full_rows or not any(full_rows):
             return self._logits(batch)
         index, spans = logit_rows(extend_lens, full_rows)
-        batch.logit_index = torch.tensor(index, device=self.device)
+        batch.logit_index = device_tensor(index, self.device)
         return split_rows(self._logits(batch), spans, full_rows)
 
     def forward_hidden(self, reqs, extend_lens, full_rows: list[bool]):

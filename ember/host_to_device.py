@@ -1,0 +1,23 @@
+"""Host data to the device without waiting for the device.
+
+`tensor.to("cuda")` from ordinary (pageable) memory makes PyTorch synchronize the stream after the copy: the host
+waits for every kernel queued before it. Per step the batch builder, the attention backends and the sampler copy a
+dozen small tensors up, so each of those waits would stall the host behind the step in flight and undo overlap
+scheduling (ember/engine/overlap.py). From pinned memory with non_blocking=True the copy is queued like a kernel
+(PyTorch's pinned-memory cache keeps the source alive until it has run). On CPU these are plain tensors.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def to_device(t: torch.Tensor, device) -> torch.Tensor:
+    """A host tensor on `device` (queued, not waited for, on CUDA)."""
+    if not str(device).startswith("cuda"):
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
+def device_tensor(values, device, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """torch.tensor(values, dtype=dtype, device=device), by to_device."""
+    return to_device(torch.tensor(values, dtype=dtype), device)
