@@ -42,12 +42,12 @@ class Sampler:
                 for tok, bias in sp.logit_bias.items():
                     if tok < V:
                         rows.append(i), cols.append(tok), vals.append(bias)
-            logits[rows, cols] += torch.tensor(vals, device=logits.device)
+            flat = device_tensor([r * V + c for r, c in zip(rows, cols)], logits.device)
+            logits.view(-1).index_add_(0, flat, device_tensor(vals, logits.device, logits.dtype))
         if ban:
             stop_ids = set(self.eos_token_ids)
-            for i in ban:
-                banned = list(stop_ids | set(sps[i].stop_token_ids))
-                logits[i, banned] = float("-inf")
+            flat = [i * V + t for i in ban for t in stop_ids | set(sps[i].stop_token_ids) if t < V]
+            logits.view(-1).index_fill_(0, device_tensor(flat, logits.device, torch.long), float("-inf"))
         # Penalties touch only the tokens a request has seen: gathered and written back through a flat index
         # (index_select / index_copy_, far cheaper than advanced indexing on CPU), not [B, V] passes; with the
         # model's default repetition_penalty they run on every step of every request.
