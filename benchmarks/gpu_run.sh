@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# Issue 18's GPU checks in one device call, for a lent H100/H200 (~15 minutes of device time in all):
+# Issue 18's GPU checks, for a lent H100/H200 (~15 minutes of device time in all, at most 10 per call):
 #   here, once:        bash benchmarks/gpu_wheels.sh      (the packages the machine lacks, in .whl/)
-#   the device tool:   run(command="bash benchmarks/gpu_run.sh all", carry=[".whl"], timeout_s=590)
+#   the device tool:   run(command="bash benchmarks/gpu_run.sh tests", carry=[".whl"], timeout_s=300), then at once
+#                      (the machine stays warm) run(command="bash benchmarks/gpu_run.sh bench", carry=[".whl"],
+#                      timeout_s=590): the estimate for both is ~3 + ~8 minutes; `all` runs them in one call.
 # Parts (first argument): tests | bench | all. Logs and results land in $OUT (the tool brings them back).
 #   tests: the CUDA-graph MoE check (tests/unit/test_cuda_graphs_gpu.py: graphs vs --disable-cuda-graph), then the
 #          tiny-model tests vs transformers on CUDA with Triton attention + Triton MoE, CUDA graphs off, then on.
