@@ -19,6 +19,12 @@ def _resolve(alias: str):
     return resolve_model_dir(alias)
 
 
+@pytest.fixture
+def triton_interpret(monkeypatch):
+    """Triton's interpreter while a test runs (tests/triton_interpreter.py)."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+
+
 @pytest.fixture(scope="session")
 def smollm2_dir():
     return _resolve("smollm2-135m")

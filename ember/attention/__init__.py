@@ -26,6 +26,16 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "").lower() in ("1", "true", "on", "yes")
 
 
+def check_triton_runs(flag: str, device_type: str) -> None:
+    """Raises ValueError, saying why, where `flag triton` (Triton kernels) cannot run: no triton package, or not
+    CUDA and not Triton's interpreter."""
+    if not importable("triton"):
+        raise ValueError(f"{flag} triton needs the `triton` package (pip install triton)")
+    if device_type != "cuda" and not interpreting():
+        raise ValueError(f"{flag} triton runs on CUDA; on {device_type} only under TRITON_INTERPRET=1 (Triton's "
+                         f"interpreter, for tests: very slow). Use {flag} torch")
+
+
 def resolve_backend_name(name: str | None, device: str) -> str:
     """--attention-backend as given, or (None) the default: torch. The Triton kernels are checked against torch
     under Triton's interpreter and compiled for sm_90, but have not yet run on a GPU: until they have (issue 18),
@@ -37,11 +47,7 @@ def resolve_backend_name(name: str | None, device: str) -> str:
     if name not in BACKENDS:
         raise ValueError(f"--attention-backend {name!r} is not one of {', '.join(BACKENDS)}")
     if name == "triton":
-        if not importable("triton"):
-            raise ValueError("--attention-backend triton needs the `triton` package (pip install triton)")
-        if device_type != "cuda" and not interpreting():
-            raise ValueError(f"--attention-backend triton runs on CUDA; on {device_type} only under TRITON_INTERPRET=1 "
-                             f"(Triton's interpreter, for tests: very slow). Use --attention-backend torch")
+        check_triton_runs("--attention-backend", device_type)
     if name == "flashinfer":
         if not importable("flashinfer"):
             raise ValueError("--attention-backend flashinfer needs the `flashinfer` package, which is not installed; "

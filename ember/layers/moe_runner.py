@@ -10,7 +10,7 @@ No torch here: the API process checks the flag with `resolve_moe_runner`.
 """
 from __future__ import annotations
 
-from ember.attention import importable, interpreting
+from ember.attention import check_triton_runs
 
 MOE_RUNNERS = ("auto", "torch", "triton")
 
@@ -24,11 +24,7 @@ def resolve_moe_runner(name: str | None, device: str, quantization: str | None =
     if name not in MOE_RUNNERS:
         raise ValueError(f"--moe-runner-backend {name!r} is not one of {', '.join(MOE_RUNNERS)}")
     if name == "triton":
-        if not importable("triton"):
-            raise ValueError("--moe-runner-backend triton needs the `triton` package (pip install triton)")
-        if device_type != "cuda" and not interpreting():
-            raise ValueError(f"--moe-runner-backend triton runs on CUDA; on {device_type} only under "
-                             f"TRITON_INTERPRET=1 (Triton's interpreter, for tests: very slow). Use torch")
+        check_triton_runs("--moe-runner-backend", device_type)
         if quantization not in (None, "none"):
             raise ValueError(f"--moe-runner-backend triton runs float experts; --quantization {quantization} "
                              f"experts run on the torch runner")

@@ -3,7 +3,6 @@ the static buffers, the copy of each step's metadata into them, padding up to a 
 sized for the longest context, run on CPU under Triton's interpreter (capture=False runs the forward on the static
 buffers at every step). Tiny models in an engine give the same tokens with it as without it: dense (Qwen3),
 sliding-window + full layers (Gemma 3: two KV groups), MLA + MoE on the Triton runner (GLM-4.7-Flash)."""
-import os
 import random
 
 import pytest
@@ -14,9 +13,7 @@ from ember.engine.cuda_graph_runner import DecodeGraphRunner, capture_sizes, why
 from ember.server_args import ServerArgs  # noqa: E402
 
 
-@pytest.fixture(autouse=True)
-def _interpret(monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
+pytestmark = pytest.mark.usefixtures("triton_interpret")
 
 
 def test_capture_sizes():

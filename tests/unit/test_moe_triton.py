@@ -2,31 +2,22 @@
 grouped GEMMs against the torch path of the same MoEExperts (every routing shape: one token, many tokens per
 expert, experts nobody chose, experts held by another expert-parallel rank, Step-3.5's clamp, widths that are not
 a multiple of a tile), the flag, and tiny MoE models in an engine on either runner giving the same tokens."""
-import os
 import random
 
 import pytest
 import torch
 
-_previous = os.environ.get("TRITON_INTERPRET")
-os.environ["TRITON_INTERPRET"] = "1"  # (decided when the kernel is defined; see test_triton_attention.py)
-try:
+from tests.triton_interpreter import interpreted
+
+with interpreted():
     pytest.importorskip("triton", minversion="3.9")
     from ember.layers import moe_triton
     from ember.layers.moe_triton import align_blocks, block_rows, fused_experts
-finally:
-    if _previous is None:
-        os.environ.pop("TRITON_INTERPRET")
-    else:
-        os.environ["TRITON_INTERPRET"] = _previous
 
 from ember.layers.moe import MoEExperts, route_sigmoid, route_softmax  # noqa: E402
 from ember.layers.moe_runner import resolve_moe_runner  # noqa: E402
 
-
-@pytest.fixture(autouse=True)
-def _interpret(monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
+pytestmark = pytest.mark.usefixtures("triton_interpret")
 
 
 def test_the_kernel_is_interpreted():

@@ -2,41 +2,28 @@
 torch reference written here: decode, extend with a cached prefix, sliding windows, ragged page tables (random
 permuted pages, different lengths per request), GQA, MLA. And the Triton backend against the torch backend
 through the backend interface, and end to end in an engine on tiny models."""
-import os
 import random
 from types import SimpleNamespace
 
 import pytest
 import torch
 
-# Triton decides at @triton.jit time whether a kernel is interpreted (and checks again when it runs): set before
-# the kernels are imported and while each test runs, but not in between, so that servers started by later
-# tests do not inherit it.
-_previous = os.environ.get("TRITON_INTERPRET")
-os.environ["TRITON_INTERPRET"] = "1"
-try:
+from tests.triton_interpreter import interpreted
+
+with interpreted():
     # (triton's own jit helpers, tl.zeros..., are decided at its import; 3.5's interpreter cannot run these kernels)
     pytest.importorskip("triton", minversion="3.9")
     from ember.attention import triton_decode, triton_extend, triton_mla
     from ember.attention.triton_decode import paged_decode
     from ember.attention.triton_extend import paged_extend
     from ember.attention.triton_mla import paged_mla_decode
-finally:
-    if _previous is None:
-        os.environ.pop("TRITON_INTERPRET")
-    else:
-        os.environ["TRITON_INTERPRET"] = _previous
 
 from ember.attention import create_backend, resolve_backend_name  # noqa: E402
 from ember.attention.base import GroupBatch  # noqa: E402
 from ember.attention.torch_sdpa import TorchSDPABackend  # noqa: E402
 from ember.attention.triton_backend import TritonBackend  # noqa: E402
 
-
-
-@pytest.fixture(autouse=True)
-def _interpret(monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
+pytestmark = pytest.mark.usefixtures("triton_interpret")
 
 
 ATOL = 1e-5  # fp32; measured max error ~1e-6 (exp / summation order differ from torch's softmax)
