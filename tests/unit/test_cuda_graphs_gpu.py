@@ -41,7 +41,8 @@ def test_cuda_graph_decode_gives_the_eager_tokens(kind, tmp_path_factory):
         from ember.engine.io_struct import GenerateReq
         from ember.engine.sampling_params import SamplingParams
         for i, p in enumerate(prompts[:3]):
-            core.add_request(GenerateReq(rid=f"l{i}", input_ids=p, sampling=SamplingParams(max_new_tokens=2, temperature=0)))
+            core.add_request(GenerateReq(rid=f"l{i}", input_ids=p,
+                                         sampling=SamplingParams(max_new_tokens=2, temperature=0)))
         core.step()  # prefill (eager) and the first token
         batch = core.scheduler.schedule()
         logits[graphs] = core.runner.forward(batch.reqs, batch.extend_lens).float().cpu()
