@@ -1,5 +1,5 @@
-"""The Triton kernels (attention, MoE) compile for a GPU without one: Triton's whole CUDA pipeline (front end, layouts,
-LLVM, PTX, and cubin through the ptxas its wheel ships) for sm_90 (H100/H200) in bfloat16, at real models'
+"""The Triton kernels (attention, MoE, RoPE) compile for a GPU without one: Triton's whole CUDA pipeline (front
+end, layouts, LLVM, PTX, and cubin through the ptxas its wheel ships) for sm_90 (H100/H200) in bfloat16, at real models'
 shapes, and each fits in the shared memory of a block. What the interpreter cannot check (tl.dot's tile
 constraints, layouts, register and shared-memory budgets) fails here. Runs in a subprocess: the kernels must be
 plain @triton.jit functions, not the interpreted ones test_triton_attention.py makes."""
@@ -14,7 +14,7 @@ SHARED_LIMIT = 227 * 1024  # bytes per block on sm_90 (sm_80: 163 KB; every case
 # (kernel, head / latent dims as the launchers pick tiles for them)
 CASES = ["decode gqa 32/8 x 128", "decode split-k 8", "combine 8 x 128", "extend gqa 32/8 x 128",
          "mla decode 512+64 split-k 4", "mla extend 512+64", "moe gate_up 16 rows", "moe down 64 rows weighted",
-         "extend gqa 32/8 x 128 tree"]
+         "extend gqa 32/8 x 128 tree", "rope 28/4 x 128"]
 
 
 def _compile_all() -> None:
@@ -24,7 +24,7 @@ def _compile_all() -> None:
     from triton.compiler import ASTSource
 
     from ember.attention import triton_decode, triton_extend, triton_mla
-    from ember.layers import moe_triton
+    from ember.layers import moe_triton, rotary_triton
     from ember.attention.triton_common import block, dot_precision
 
     target = GPUTarget("cuda", 90, 32)
@@ -61,6 +61,9 @@ def _compile_all() -> None:
     compile_one(CASES[7], moe_triton._grouped_gemm_kernel, dict(moe, C="*fp32"),
                 dict(tiles, A_DIV=1, MUL_WEIGHT=True, BLOCK_M=64))
     compile_one(CASES[8], triton_extend._extend_kernel, paged, dict(extend, HAS_TREE=True))
+    rope = {"Q": "*bf16", "K": "*bf16", "QO": "*bf16", "KO": "*bf16", "Cos": "*fp32", "Sin": "*fp32", "Pos": "*i64"}
+    compile_one(CASES[9], rotary_triton._rope_kernel, rope, dict(H=28, HKV=4, HALF=64, D=128, BLOCK_H=32, BLOCK_HKV=4,
+                                                                 BLOCK_HALF=64, BLOCK_REST=1))
 
 
 def test_the_kernels_compile_for_sm90():
