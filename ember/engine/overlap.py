@@ -9,8 +9,9 @@ tokens in place of placeholders (`ModelRunner.future_ids`). Once step N+1 is lau
 (`EngineCore._append_token`, at the placeholder's index). A request that finished at step N was already scheduled
 into N+1: its row there is dropped and its KV for it is never used.
 
-Only plain decode steps overlap: one token per request, no grammar, logprobs, penalties (they read the tokens so
-far), thinking budget, images or speculative decoding. Any other step first resolves the step in flight and runs
+Only plain decode steps overlap: one token per request, no grammar, logprobs, thinking budget, images or
+speculative decoding; penalties when their counts are kept on the device (on CUDA, ember/engine/penalties.py: the
+host form reads the tokens so far). Any other step first resolves the step in flight and runs
 as before. On by default on CUDA at tp 1 (`--disable-overlap-schedule`); off on CPU, where the forward runs on the
 host and there is nothing to overlap (the tests turn it on there to check that the tokens are the same).
 """
@@ -40,11 +41,12 @@ class InFlight:
         return self.host_ids.tolist()
 
 
-def plain(req: Req) -> bool:
-    """Whether a request's next token can be sampled before its previous one is known on the host."""
+def plain(req: Req, device_penalties: bool) -> bool:
+    """Whether a request's next token can be sampled before its previous one is known on the host (penalties: when
+    their counts are kept on the device, ember/engine/penalties.py)."""
     sp = req.sampling
-    return (req.grammar is None and sp.logprobs is None and not sp.frequency_penalty and not sp.presence_penalty
-            and sp.repetition_penalty == 1.0 and sp.thinking_budget is None and not req.forced_ids
+    return (req.grammar is None and sp.logprobs is None and (device_penalties or not sp.penalized)
+            and sp.thinking_budget is None and not req.forced_ids
             and not req.return_prompt_logprobs and getattr(req, "mm", None) is None)
 
 
@@ -57,9 +59,9 @@ class OverlapStep:
     def pending(self) -> bool:
         return self.inflight is not None
 
-    @staticmethod
-    def takes(batch) -> bool:
-        return all(n == 1 for n in batch.extend_lens) and all(plain(r) for r in batch.reqs)
+    def takes(self, batch) -> bool:
+        device_penalties = self.core.sampler.penalties is not None
+        return all(n == 1 for n in batch.extend_lens) and all(plain(r, device_penalties) for r in batch.reqs)
 
     def launch(self, batch) -> list[TokenOut]:
         """Run `batch` (a plain decode step) without reading its tokens; then resolve the step before it."""
@@ -70,6 +72,8 @@ class OverlapStep:
         finally:
             core.runner.future_ids = None
         ids = core.sampler.sample_ids(logits, batch.reqs)
+        if core.sampler.penalties is not None:  # the tokens join the penalty counts on the device
+            core.sampler.penalties.record(batch.reqs, ids)
         event = None
         if ids.is_cuda:  # the host copy, enqueued behind the sampling and awaited only when resolved
             host = torch.empty(ids.shape, dtype=ids.dtype, pin_memory=True)

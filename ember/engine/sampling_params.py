@@ -50,6 +50,11 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature <= 1e-5
 
+    @property
+    def penalized(self) -> bool:
+        """Whether any of the frequency, presence or repetition penalties applies."""
+        return bool(self.frequency_penalty or self.presence_penalty or self.repetition_penalty != 1.0)
+
     def validate(self, vocab_size: int | None = None) -> None:
         """Raise ValueError naming the field when a value is out of range."""
         def bad(name, why):

@@ -9,6 +9,7 @@ import pytest
 
 from ember.engine.io_struct import GenerateReq
 from ember.engine.overlap import OverlapStep
+from ember.engine.penalties import PenaltyCounts
 from ember.engine.sampling_params import SamplingParams
 from tests.models.checks import assert_pools_empty
 
@@ -23,16 +24,17 @@ def engine(tiny_qwen3_dir):
     eng.shutdown()
 
 
-def _run(engine, overlap: bool, requests):
+def _run(engine, overlap: bool, requests, device_penalties=False):
     """requests: [(prompt ids, sampling dict)] -> per request (output ids, text, finish reason, completion tokens),
-    and how many steps were launched overlapped."""
+    and the batches launched overlapped (their requests' sampling)."""
     core = engine.core
     engine.flush_cache()
     launches = []
     core.overlap = OverlapStep(core) if overlap else None
+    core.sampler.penalties = PenaltyCounts(core.vocab_size, "cpu") if device_penalties else None  # (CUDA's default)
     if overlap:
         launch = core.overlap.launch
-        core.overlap.launch = lambda batch: launches.append(len(batch.reqs)) or launch(batch)
+        core.overlap.launch = lambda batch: launches.append([r.sampling for r in batch.reqs]) or launch(batch)
     forward, finish = core.runner.forward, core.scheduler.finish
 
     def checked_forward(reqs, lens, **kw):
@@ -48,7 +50,7 @@ def _run(engine, overlap: bool, requests):
     try:
         outs = engine.generate(input_ids=[p for p, _ in requests], sampling_params=[s for _, s in requests])
     finally:
-        core.overlap = None
+        core.overlap, core.sampler.penalties = None, None
         del core.runner.forward, core.scheduler.finish
     assert_pools_empty(engine)
     return [(o["output_ids"], o["text"], o["meta_info"]["finish_reason"], o["meta_info"]["completion_tokens"])
@@ -83,7 +85,7 @@ def test_overlapped_decode_gives_the_same_outputs(engine):
     plain, _ = _run(engine, False, requests)
     overlapped, launches = _run(engine, True, requests)
     assert overlapped == plain
-    assert len(launches) > 20 and max(launches) > 1  # decode steps did overlap, batched
+    assert len(launches) > 20 and max(map(len, launches)) > 1  # decode steps did overlap, batched
     assert engine.core.scheduler.total_preemptions > 0  # (the pool is small: both runs preempted)
     assert {r[2]["type"] for r in plain} >= {"length", "stop"}
 
@@ -101,6 +103,25 @@ def test_steps_that_cannot_overlap_resolve_the_step_in_flight_first(engine):
     plain, _ = _run(engine, False, requests)
     overlapped, launches = _run(engine, True, requests)
     assert overlapped == plain and launches
+
+
+def test_penalty_requests_overlap_when_their_counts_are_on_the_device(engine):
+    """With the penalties' counts kept on the device (CUDA's default), penalty requests overlap too: each launched
+    step's tokens join the counts on the device before the host reads them. Same outputs as without overlap and with
+    the host form."""
+    rng = random.Random(2)
+    requests = _requests(rng, 6, engine.core.vocab_size)
+    greedy = {"temperature": 0, "ignore_eos": True, "max_new_tokens": 14}
+    for i, pen in enumerate([{"repetition_penalty": 1.6}, {"frequency_penalty": 1.5, "presence_penalty": 0.5},
+                             {"presence_penalty": 1.9}, {"repetition_penalty": 1.3, "frequency_penalty": 0.8}]):
+        requests.append(([5 + i, 6, 7, 5 + i], dict(greedy, **pen)))
+        requests.append(([9, 9 + i], {"temperature": 0.8, "seed": i, "max_new_tokens": 10, "ignore_eos": True, **pen}))
+    plain, _ = _run(engine, False, requests)
+    overlapped, launches = _run(engine, True, requests, device_penalties=True)
+    assert overlapped == plain
+    assert sum(sp.penalized for batch in launches for sp in batch) > 30
+    unpenalized, _ = _run(engine, False, [(p, {k: v for k, v in s.items() if "penalty" not in k}) for p, s in requests])
+    assert unpenalized[6:] != plain[6:]  # (the penalties did change the outputs)
 
 
 def test_an_abort_while_a_step_is_in_flight(engine):

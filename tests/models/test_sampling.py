@@ -61,9 +61,11 @@ PENALTIES = [{"presence_penalty": 1.5}, {"frequency_penalty": 0.7}, {"repetition
 KEYS = {"presence_penalty": "presence", "frequency_penalty": "frequency", "repetition_penalty": "repetition"}
 
 
-def test_penalties_follow_their_definitions_in_one_batch(smol):
+@pytest.mark.parametrize("device_penalties", [False, True], ids=["host", "device"])
+def test_penalties_follow_their_definitions_in_one_batch(smol, device_penalties):
     """Real logits, a history with repeated tokens; four requests with different penalties in one batch: each row
-    equals its definition, and tokens never seen keep their logit."""
+    equals its definition, and tokens never seen keep their logit. Both forms (ember/engine/penalties.py): at the
+    seen tokens' indices (CPU's default) and from counts kept on the device (CUDA's)."""
     prompt = smol.tokenizer.encode(REPEAT)
     output = [prompt[1], prompt[1], prompt[2], 42, 42, 42]
     logits = smol.core.prompt_logits(prompt + output)[-1].float()
@@ -72,7 +74,7 @@ def test_penalties_follow_their_definitions_in_one_batch(smol):
         r = Req(f"r{i}", list(prompt), SamplingParams(max_new_tokens=8, **pen))
         r.token_ids = list(prompt) + list(output)
         reqs.append(r)
-    sampler = Sampler(logits.shape[-1], [], "cpu")
+    sampler = Sampler(logits.shape[-1], [], "cpu", device_penalties=device_penalties)
     got = sampler.apply_penalties_and_bias(logits.repeat(len(reqs), 1), reqs)
     for row, pen in zip(got, PENALTIES):
         want = reference_penalized(logits, prompt, output, **{KEYS[k]: v for k, v in pen.items()})
