@@ -76,11 +76,10 @@ class ModelRunner:
         self.kv_cache = self._make_kv_cache(server_args)
         self.attn_backend = create_backend(server_args.attention_backend, self.device)
         logger.info("attention backend: %s", self.attn_backend.name)
-        # Triton kernels chosen on a GPU: RoPE too, one kernel a layer instead of ~8 (a saving of kernel launches,
-        # so not under the interpreter on CPU, where tests/unit/test_rotary_triton.py checks the kernel itself)
+        # Triton kernels chosen on a GPU: RoPE, RMSNorm and SiLU x up too (ember/layers/triton_layers.py)
         if self.attn_backend.name == "triton" and str(self.device).startswith("cuda"):
-            from ember.layers.rotary import use_fused_rotary
-            use_fused_rotary(self.model)
+            from ember.layers.triton_layers import use_triton_layers
+            logger.info("Triton layers: %s", use_triton_layers(self.model))
         from ember.layers.moe_runner import set_moe_runner
         self.moe_runner = set_moe_runner(self.model, server_args.moe_runner_backend, self.device, quantization)
         from ember.layers.fused_decode import maybe_fused_decoder

@@ -24,8 +24,13 @@ class GatedMLP(nn.Module):
             raise ValueError(f"unsupported activation {act!r}")
         self.act = ACTIVATIONS[act]
 
+    fused = False  # silu(gate) * up in one Triton kernel (ember/layers/fused_triton.py; ember/layers/triton_layers.py)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate_up = self.gate_up_proj(x)
+        if self.fused:
+            from ember.layers.fused_triton import silu_and_mul
+            return self.down_proj(silu_and_mul(gate_up))
         ns = getattr(self.down_proj, "kernel_ns", None)  # w4a8 on CPU: the fused decode step's silu(gate) * up
         if ns is not None and self.act is F.silu and gate_up.dtype == torch.float32:
             return self.down_proj(getattr(torch.ops, ns).silu_and_mul(gate_up))

@@ -13,7 +13,12 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.unit_offset = unit_offset
 
+    fused = False  # one Triton kernel (ember/layers/fused_triton.py; set by ember/layers/triton_layers.py)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fused:
+            from ember.layers.fused_triton import rms_norm
+            return rms_norm(x, self.weight, self.eps, self.unit_offset)
         if x.dtype == torch.float32 and not self.unit_offset:  # one fused op, same result as below
             return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
         dtype = x.dtype

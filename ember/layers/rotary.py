@@ -44,7 +44,7 @@ def rotate_in_float32(x, cos, sin):
 
 
 class RotaryEmbedding(nn.Module):
-    fused = False  # rotate with ember/layers/rotary_triton.py (use_fused_rotary)
+    fused = False  # rotate with ember/layers/rotary_triton.py (ember/layers/triton_layers.py)
 
     def __init__(self, config, head_dim: int, max_positions: int, layer_type: str | None = None):
         super().__init__()
@@ -79,7 +79,7 @@ class RotaryEmbedding(nn.Module):
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
         """q: [T, H, D], k: [T, Hkv, D], positions: [T]. q and k are rotated together, as one tensor."""
-        if self.fused:  # one Triton kernel instead of ~8 small ones (use_fused_rotary)
+        if self.fused:  # one Triton kernel instead of ~8 small ones
             from ember.layers.rotary_triton import rope
             return rope(positions, q, k, self.cos, self.sin, self.rotary_dim)
         cos, sin = self._cos_sin(positions, q.dtype)
@@ -90,14 +90,3 @@ class RotaryEmbedding(nn.Module):
         else:
             x = x * cos + rotate_half(x) * sin
         return x[:, :q.shape[1]], x[:, q.shape[1]:]
-
-
-def use_fused_rotary(model) -> int:
-    """The plain rotate-half RoPE layers of `model` rotate with the Triton kernel (set with the Triton attention
-    backend: the user has opted into Triton kernels). Subclasses (M-RoPE) keep their own forward. -> how many."""
-    n = 0
-    for module in model.modules():
-        if type(module) is RotaryEmbedding and module.rotary_dim % 2 == 0:
-            module.fused = True
-            n += 1
-    return n

@@ -1,6 +1,6 @@
 """The fused RoPE kernel (ember/layers/rotary_triton.py) under Triton's interpreter against RotaryEmbedding's torch
 form: full and partial rotary, q and k as strided views of one projection (as the models pass them), head counts
-that are not powers of 2, float32 and float16; and which layers use_fused_rotary switches over."""
+that are not powers of 2, float32 and float16."""
 import pytest
 import torch
 from transformers import Qwen2Config
@@ -11,7 +11,7 @@ with interpreted():
     pytest.importorskip("triton", minversion="3.9")
     from ember.layers import rotary_triton
 
-from ember.layers.rotary import RotaryEmbedding, use_fused_rotary  # noqa: E402
+from ember.layers.rotary import RotaryEmbedding  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("triton_interpret")
 
@@ -44,11 +44,3 @@ def test_fused_rope_matches_the_torch_form(partial, dtype):
     torch.testing.assert_close(got_k.float(), want_k, **tol)
     if partial < 1:  # the dims past rotary_dim are the input's
         assert torch.equal(got_q[..., rot.rotary_dim:], q[..., rot.rotary_dim:])
-
-
-def test_use_fused_rotary_takes_plain_rope_only():
-    from ember.models.qwen2_5_vl import MRotaryEmbedding
-    cfg = Qwen2Config(hidden_size=64, num_attention_heads=4, num_key_value_heads=2)
-    model = torch.nn.ModuleList([RotaryEmbedding(cfg, 16, 64), RotaryEmbedding(cfg, 16, 64)])
-    assert use_fused_rotary(model) == 2 and all(m.fused for m in model)
-    assert MRotaryEmbedding.fused is False and RotaryEmbedding.fused is False

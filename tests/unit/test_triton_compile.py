@@ -1,4 +1,4 @@
-"""The Triton kernels (attention, MoE, RoPE) compile for a GPU without one: Triton's whole CUDA pipeline (front
+"""The Triton kernels (attention, MoE, RoPE, RMSNorm, SiLU x up) compile for a GPU without one: Triton's whole CUDA pipeline (front
 end, layouts, LLVM, PTX, and cubin through the ptxas its wheel ships) for sm_90 (H100/H200) in bfloat16, at real models'
 shapes, and each fits in the shared memory of a block. What the interpreter cannot check (tl.dot's tile
 constraints, layouts, register and shared-memory budgets) fails here. Runs in a subprocess: the kernels must be
@@ -14,7 +14,8 @@ SHARED_LIMIT = 227 * 1024  # bytes per block on sm_90 (sm_80: 163 KB; every case
 # (kernel, head / latent dims as the launchers pick tiles for them)
 CASES = ["decode gqa 32/8 x 128", "decode split-k 8", "combine 8 x 128", "extend gqa 32/8 x 128",
          "mla decode 512+64 split-k 4", "mla extend 512+64", "moe gate_up 16 rows", "moe down 64 rows weighted",
-         "extend gqa 32/8 x 128 tree", "rope 28/4 x 128"]
+         "extend gqa 32/8 x 128 tree", "rope 28/4 x 128", "rms_norm 3584", "rms_norm unit offset 2560",
+         "silu_and_mul 1024"]
 
 
 def _compile_all() -> None:
@@ -24,14 +25,14 @@ def _compile_all() -> None:
     from triton.compiler import ASTSource
 
     from ember.attention import triton_decode, triton_extend, triton_mla
-    from ember.layers import moe_triton, rotary_triton
+    from ember.layers import fused_triton, moe_triton, rotary_triton
     from ember.attention.triton_common import block, dot_precision
 
     target = GPUTarget("cuda", 90, 32)
     prec = dot_precision(torch.bfloat16)
 
     def compile_one(name, fn, pointers, consts, num_stages=2):
-        sig = {a: "constexpr" if a in consts else pointers.get(a, "fp32" if a == "scale" else "i32")
+        sig = {a: "constexpr" if a in consts else pointers.get(a, "fp32" if a in ("scale", "eps") else "i32")
                for a in fn.arg_names}
         kernel = triton.compile(ASTSource(fn, sig, consts), target=target,
                                 options=dict(num_warps=4, num_stages=num_stages))
@@ -64,6 +65,10 @@ def _compile_all() -> None:
     rope = {"Q": "*bf16", "K": "*bf16", "QO": "*bf16", "KO": "*bf16", "Cos": "*fp32", "Sin": "*fp32", "Pos": "*i64"}
     compile_one(CASES[9], rotary_triton._rope_kernel, rope, dict(H=28, HKV=4, HALF=64, D=128, BLOCK_H=32, BLOCK_HKV=4,
                                                                  BLOCK_HALF=64, BLOCK_REST=1))
+    norm = {"X": "*bf16", "W": "*bf16", "O": "*bf16"}
+    compile_one(CASES[10], fused_triton._rms_norm_kernel, norm, dict(D=3584, BLOCK=4096, UNIT_OFFSET=False))
+    compile_one(CASES[11], fused_triton._rms_norm_kernel, norm, dict(D=2560, BLOCK=4096, UNIT_OFFSET=True))
+    compile_one(CASES[12], fused_triton._silu_and_mul_kernel, {"X": "*bf16", "O": "*bf16"}, dict(BLOCK=1024))
 
 
 def test_the_kernels_compile_for_sm90():

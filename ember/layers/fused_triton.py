@@ -1,0 +1,75 @@
+"""RMSNorm and SiLU(gate) x up, each in one Triton kernel (with the Triton attention backend on a GPU, switched on by
+ember/layers/triton_layers.py).
+
+In torch a bf16 RMSNorm is ~7 kernels (cast, square, mean, add, rsqrt, multiply, cast, multiply) and the gated
+MLP's activation 2; at decode on a GPU each small kernel costs microseconds whatever its size, and a step runs a few
+of them per layer. The arithmetic is the torch form's (transformers'), roundings included: the norm in float32,
+rounded to the input's dtype, then multiplied by the weight in that dtype (Gemma's unit-offset weight: 1 + w in
+float32, rounded once); silu(gate) rounded, then multiplied by up and rounded.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _rms_norm_kernel(X, W, O, stride_xa, stride_xb, B, eps, D: tl.constexpr, BLOCK: tl.constexpr,
+                     UNIT_OFFSET: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    a, b = row // B, row % B
+    d = tl.arange(0, BLOCK)
+    ok = d < D
+    d = tl.where(ok, d, 0)  # (masked lanes point inside the row all the same)
+    x = tl.load(X + a * stride_xa + b * stride_xb + d, mask=ok, other=0.0).to(tl.float32)
+    normed = x * tl.rsqrt(tl.sum(x * x, axis=0) / D + eps)
+    w = tl.load(W + d, mask=ok, other=0.0).to(tl.float32)
+    if UNIT_OFFSET:
+        out = normed * (1.0 + w)
+    else:
+        out = normed.to(O.dtype.element_ty).to(tl.float32) * w
+    tl.store(O + row * D + d, out.to(O.dtype.element_ty), mask=ok)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, unit_offset: bool) -> torch.Tensor:
+    """x [..., D] (the last dim contiguous; 2-d or 3-d views with any strides, e.g. per-head slices of one
+    projection) -> a new contiguous tensor of x's shape and dtype."""
+    D = x.shape[-1]
+    if x.dim() == 3 and x.stride(-1) == 1:
+        x3 = x
+    elif x.dim() == 2 and x.stride(-1) == 1:
+        x3 = x.unsqueeze(1)
+    else:
+        x3 = x.reshape(-1, 1, D).contiguous()
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    rows = x3.shape[0] * x3.shape[1]
+    if rows:
+        BLOCK = triton.next_power_of_2(D)
+        _rms_norm_kernel[(rows,)](x3, weight, out, x3.stride(0), x3.stride(1), x3.shape[1], eps, D=D, BLOCK=BLOCK,
+                                  UNIT_OFFSET=unit_offset, num_warps=min(max(BLOCK // 512, 1), 8))
+    return out
+
+
+@triton.jit
+def _silu_and_mul_kernel(X, O, stride_x, I, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    ok = cols < I
+    cols = tl.where(ok, cols, 0)
+    gate = tl.load(X + row * stride_x + cols, mask=ok, other=0.0).to(tl.float32)
+    up = tl.load(X + row * stride_x + I + cols, mask=ok, other=0.0).to(tl.float32)
+    act = (gate / (1.0 + tl.exp(-gate))).to(O.dtype.element_ty).to(tl.float32)
+    tl.store(O + row * I + cols, (act * up).to(O.dtype.element_ty), mask=ok)
+
+
+def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """gate_up [T, 2I] (gate then up, rows contiguous) -> silu(gate) * up [T, I]."""
+    T, two_i = gate_up.shape
+    assert gate_up.stride(-1) == 1 and two_i % 2 == 0
+    I = two_i // 2
+    out = torch.empty((T, I), dtype=gate_up.dtype, device=gate_up.device)
+    if T:
+        BLOCK = min(1024, triton.next_power_of_2(I))
+        _silu_and_mul_kernel[(T, triton.cdiv(I, BLOCK))](gate_up, out, gate_up.stride(0), I, BLOCK=BLOCK)
+    return out
