@@ -5,7 +5,7 @@ In torch a bf16 RMSNorm is ~7 kernels (cast, square, mean, add, rsqrt, multiply,
 MLP's activation 2; at decode on a GPU each small kernel costs microseconds whatever its size, and a step runs a few
 of them per layer. The arithmetic is the torch form's (transformers'), roundings included: the norm in float32,
 rounded to the input's dtype, then multiplied by the weight in that dtype (Gemma's unit-offset weight: 1 + w in
-float32, rounded once); silu(gate) rounded, then multiplied by up and rounded.
+float32, rounded once); silu(gate) rounded (and clamped, Step-3.5), then multiplied by up and rounded.
 """
 from __future__ import annotations
 
@@ -52,7 +52,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, unit_offset: boo
 
 
 @triton.jit
-def _silu_and_mul_kernel(X, O, stride_x, I, BLOCK: tl.constexpr):
+def _silu_and_mul_kernel(X, O, stride_x, I, limit, BLOCK: tl.constexpr, HAS_LIMIT: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     ok = cols < I
@@ -60,16 +60,21 @@ def _silu_and_mul_kernel(X, O, stride_x, I, BLOCK: tl.constexpr):
     gate = tl.load(X + row * stride_x + cols, mask=ok, other=0.0).to(tl.float32)
     up = tl.load(X + row * stride_x + I + cols, mask=ok, other=0.0).to(tl.float32)
     act = (gate / (1.0 + tl.exp(-gate))).to(O.dtype.element_ty).to(tl.float32)
+    if HAS_LIMIT:  # Step-3.5's clamp (ember/layers/mlp.py gated_act)
+        act = tl.minimum(act, limit).to(O.dtype.element_ty).to(tl.float32)
+        up = tl.minimum(tl.maximum(up, -limit), limit).to(O.dtype.element_ty).to(tl.float32)
     tl.store(O + row * I + cols, (act * up).to(O.dtype.element_ty), mask=ok)
 
 
-def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
-    """gate_up [T, 2I] (gate then up, rows contiguous) -> silu(gate) * up [T, I]."""
+def silu_and_mul(gate_up: torch.Tensor, limit: float | None = None) -> torch.Tensor:
+    """gate_up [T, 2I] (gate then up, rows contiguous) -> silu(gate) * up [T, I] (gated_act, with its clamp when
+    `limit` is set)."""
     T, two_i = gate_up.shape
     assert gate_up.stride(-1) == 1 and two_i % 2 == 0
     I = two_i // 2
     out = torch.empty((T, I), dtype=gate_up.dtype, device=gate_up.device)
     if T:
         BLOCK = min(1024, triton.next_power_of_2(I))
-        _silu_and_mul_kernel[(T, triton.cdiv(I, BLOCK))](gate_up, out, gate_up.stride(0), I, BLOCK=BLOCK)
+        _silu_and_mul_kernel[(T, triton.cdiv(I, BLOCK))](gate_up, out, gate_up.stride(0), I, float(limit or 0.0),
+                                                         BLOCK=BLOCK, HAS_LIMIT=limit is not None)
     return out

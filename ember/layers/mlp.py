@@ -12,8 +12,18 @@ ACTIVATIONS = {
 }
 
 
+def gated_act(act, gate: torch.Tensor, up: torch.Tensor, limit: float | None = None) -> torch.Tensor:
+    """act(gate) * up; with Step-3.5's SwiGLU clamp when `limit` is set: act(gate) <= limit, |up| <= limit."""
+    gate = act(gate)
+    if limit is not None:
+        gate = gate.clamp(max=limit)
+        up = up.clamp(min=-limit, max=limit)
+    return gate * up
+
+
 class GatedMLP(nn.Module):
-    def __init__(self, hidden_size: int, intermediate_size: int, act: str = "silu", reduce_results: bool = True):
+    def __init__(self, hidden_size: int, intermediate_size: int, act: str = "silu", reduce_results: bool = True,
+                 limit: float | None = None):
         super().__init__()
         # gate and up in one GEMM (fewer, larger matmuls); checkpoints load into the two halves
         self.gate_up_proj = MergedColumnParallelLinear(hidden_size, [intermediate_size] * 2, bias=False)
@@ -23,6 +33,7 @@ class GatedMLP(nn.Module):
         if act not in ACTIVATIONS:
             raise ValueError(f"unsupported activation {act!r}")
         self.act = ACTIVATIONS[act]
+        self.limit = limit or None  # Step-3.5's clamp (gated_act); 0 / None: none
 
     fused = False  # silu(gate) * up in one Triton kernel (ember/layers/fused_triton.py; ember/layers/triton_layers.py)
 
@@ -30,9 +41,9 @@ class GatedMLP(nn.Module):
         gate_up = self.gate_up_proj(x)
         if self.fused:
             from ember.layers.fused_triton import silu_and_mul
-            return self.down_proj(silu_and_mul(gate_up))
+            return self.down_proj(silu_and_mul(gate_up, self.limit))
         ns = getattr(self.down_proj, "kernel_ns", None)  # w4a8 on CPU: the fused decode step's silu(gate) * up
-        if ns is not None and self.act is F.silu and gate_up.dtype == torch.float32:
+        if ns is not None and self.act is F.silu and self.limit is None and gate_up.dtype == torch.float32:
             return self.down_proj(getattr(torch.ops, ns).silu_and_mul(gate_up))
         gate, up = gate_up.split(self.intermediate_size, dim=-1)
-        return self.down_proj(self.act(gate) * up)
+        return self.down_proj(gated_act(self.act, gate, up, self.limit))

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ember.distributed import ep_rank, ep_size, moe_tp_rank, moe_tp_size, tp_all_reduce, tp_rank, tp_size
+from ember.layers.mlp import gated_act
 
 
 # ----------------------------------------------------------------------------------------------- routers
@@ -101,11 +102,7 @@ class MoEExperts(nn.Module):
 
     def act(self, gate_up: torch.Tensor) -> torch.Tensor:
         gate, up = gate_up.split(self.intermediate_size, dim=-1)
-        gate = F.silu(gate)
-        if self.swiglu_limit is not None:
-            gate = gate.clamp(max=self.swiglu_limit)
-            up = up.clamp(min=-self.swiglu_limit, max=self.swiglu_limit)
-        return gate * up
+        return gated_act(F.silu, gate, up, self.swiglu_limit)
 
     def expert_mlp(self, e: int, x: torch.Tensor) -> torch.Tensor:
         """One expert on its tokens [n, H] -> [n, H]; quantized subclasses override this (the grouping stays)."""

@@ -16,6 +16,7 @@ import triton
 import triton.language as tl
 
 from ember.attention.triton_common import dot_precision
+from ember.layers.fused_triton import silu_and_mul
 
 
 def block_rows(num_pairs: int, num_experts: int) -> int:
@@ -105,7 +106,7 @@ def fused_experts(experts, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids
     x = x.contiguous()
     gate_up = torch.empty(n, 2 * experts.intermediate_size, dtype=x.dtype, device=x.device)
     grouped_gemm(x, experts.w13, gate_up, sorted_ids, block_expert, block_m, a_div=k)
-    act = experts.act(gate_up).contiguous()  # (rows of pairs not held here: unread below)
+    act = silu_and_mul(gate_up, experts.swiglu_limit)  # (rows of pairs not held here: unread below)
     down = torch.zeros(n, experts.hidden_size, dtype=torch.float32, device=x.device)  # those rows add 0
     grouped_gemm(act, experts.w2, down, sorted_ids, block_expert, block_m, a_div=1,
                  route_weights=topk_weights.reshape(-1).float().contiguous())

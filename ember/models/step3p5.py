@@ -57,22 +57,6 @@ def query_heads(config, layer_type: str) -> int:
     return read_global("num_attention_heads") if read_global else config.num_attention_heads
 
 
-class Step3p5MLP(GatedMLP):
-    """SwiGLU MLP (dense layers, shared expert) with Step-3.5's optional clamp: silu(gate) <= limit, |up| <= limit."""
-
-    def __init__(self, hidden_size: int, intermediate_size: int, limit: float | None, reduce_results: bool = True):
-        super().__init__(hidden_size, intermediate_size, "silu", reduce_results)
-        self.limit = limit
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.limit is None:
-            return super().forward(x)
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        gate = F.silu(gate).clamp(max=self.limit)
-        up = up.clamp(min=-self.limit, max=self.limit)
-        return self.down_proj(gate * up)
-
-
 class Step3p5MoE(nn.Module):
     """Router + routed experts (hub: `moe.gate`, `moe.router_bias`, stacked `moe.{gate,up,down}_proj`)."""
 
@@ -148,9 +132,9 @@ class Step3p5DecoderLayer(nn.Module):
         self.sparse = sparse
         if sparse:  # the hub keeps both at the layer level: `moe.*` and `share_expert.*`
             self.moe = Step3p5MoE(config, layer_id)
-            self.share_expert = Step3p5MLP(H, config.share_expert_dim, shared_limit, reduce_results=False)
+            self.share_expert = GatedMLP(H, config.share_expert_dim, reduce_results=False, limit=shared_limit)
         else:
-            self.mlp = Step3p5MLP(H, config.intermediate_size, shared_limit)
+            self.mlp = GatedMLP(H, config.intermediate_size, limit=shared_limit)
         self.input_layernorm = RMSNorm(H, eps, unit_offset=True)
         self.post_attention_layernorm = RMSNorm(H, eps, unit_offset=True)
 

@@ -14,7 +14,7 @@ with interpreted():
     pytest.importorskip("triton", minversion="3.9")
     from ember.layers import fused_triton
 
-from ember.layers.mlp import GatedMLP  # noqa: E402
+from ember.layers.mlp import GatedMLP, gated_act  # noqa: E402
 from ember.layers.norm import RMSNorm, ShardedRMSNorm  # noqa: E402
 from ember.layers.rotary import RotaryEmbedding  # noqa: E402
 from ember.layers.triton_layers import use_triton_layers  # noqa: E402
@@ -54,12 +54,15 @@ def test_rms_norm_matches_the_torch_form(unit_offset, dtype, layout):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("I", [40, 1100])  # one column block, and two with a ragged end
-def test_silu_and_mul_matches_the_torch_form(dtype, I):
+@pytest.mark.parametrize("limit", [None, 2.5])  # Step-3.5's clamp
+def test_silu_and_mul_matches_the_torch_form(dtype, I, limit):
     torch.manual_seed(1)
     gate_up = torch.randn(5, 2 * I).mul(3).to(dtype)
     gate, up = gate_up.split(I, dim=-1)
-    want = F.silu(gate) * up
-    got = fused_triton.silu_and_mul(gate_up)
+    want = gated_act(F.silu, gate, up, limit)
+    if limit is not None:
+        assert not torch.equal(want, F.silu(gate) * up)
+    got = fused_triton.silu_and_mul(gate_up, limit)
     assert got.shape == (5, I) and got.dtype == dtype
     torch.testing.assert_close(got, want, **TOL[dtype])
     if dtype == torch.float16:  # the same roundings: all but exp's rare last-bit flip (rounding once: ~30 % differ)
@@ -70,9 +73,9 @@ def test_use_triton_layers_takes_the_layers_with_a_triton_form():
     from ember.models.qwen2_5_vl import MRotaryEmbedding
     cfg = Qwen2Config(hidden_size=64, num_attention_heads=4, num_key_value_heads=2)
     model = torch.nn.ModuleList([RotaryEmbedding(cfg, 16, 64), RMSNorm(8), GatedMLP(8, 16), GatedMLP(8, 16, "gelu"),
-                                 ShardedRMSNorm(8, 0, 8)])
-    assert use_triton_layers(model) == {"rope": 1, "rms_norm": 1, "silu_and_mul": 1}
-    assert [getattr(m, "fused", False) for m in model] == [True, True, True, False, False]
+                                 ShardedRMSNorm(8, 0, 8), GatedMLP(8, 16, limit=7.0)])
+    assert use_triton_layers(model) == {"rope": 1, "rms_norm": 1, "silu_and_mul": 2}
+    assert [getattr(m, "fused", False) for m in model] == [True, True, True, False, False, True]
     assert MRotaryEmbedding.fused is False and RotaryEmbedding.fused is False and RMSNorm.fused is False
 
 

@@ -15,7 +15,7 @@ SHARED_LIMIT = 227 * 1024  # bytes per block on sm_90 (sm_80: 163 KB; every case
 CASES = ["decode gqa 32/8 x 128", "decode split-k 8", "combine 8 x 128", "extend gqa 32/8 x 128",
          "mla decode 512+64 split-k 4", "mla extend 512+64", "moe gate_up 16 rows", "moe down 64 rows weighted",
          "extend gqa 32/8 x 128 tree", "rope 28/4 x 128", "rms_norm 3584", "rms_norm unit offset 2560",
-         "silu_and_mul 1024"]
+         "silu_and_mul 1024 clamped"]
 
 
 def _compile_all() -> None:
@@ -32,7 +32,7 @@ def _compile_all() -> None:
     prec = dot_precision(torch.bfloat16)
 
     def compile_one(name, fn, pointers, consts, num_stages=2):
-        sig = {a: "constexpr" if a in consts else pointers.get(a, "fp32" if a in ("scale", "eps") else "i32")
+        sig = {a: "constexpr" if a in consts else pointers.get(a, "fp32" if a in ("scale", "eps", "limit") else "i32")
                for a in fn.arg_names}
         kernel = triton.compile(ASTSource(fn, sig, consts), target=target,
                                 options=dict(num_warps=4, num_stages=num_stages))
@@ -68,7 +68,7 @@ def _compile_all() -> None:
     norm = {"X": "*bf16", "W": "*bf16", "O": "*bf16"}
     compile_one(CASES[10], fused_triton._rms_norm_kernel, norm, dict(D=3584, BLOCK=4096, UNIT_OFFSET=False))
     compile_one(CASES[11], fused_triton._rms_norm_kernel, norm, dict(D=2560, BLOCK=4096, UNIT_OFFSET=True))
-    compile_one(CASES[12], fused_triton._silu_and_mul_kernel, {"X": "*bf16", "O": "*bf16"}, dict(BLOCK=1024))
+    compile_one(CASES[12], fused_triton._silu_and_mul_kernel, {"X": "*bf16", "O": "*bf16"}, dict(BLOCK=1024, HAS_LIMIT=True))
 
 
 def test_the_kernels_compile_for_sm90():
