@@ -9,8 +9,8 @@ tokens in place of placeholders (`ModelRunner.future_ids`). Once step N+1 is lau
 (`EngineCore._append_token`, at the placeholder's index). A request that finished at step N was already scheduled
 into N+1: its row there is dropped and its KV for it is never used.
 
-Only plain decode steps overlap: one token per request, no grammar, logprobs, thinking budget, images or
-speculative decoding; penalties when their counts are kept on the device (on CUDA, ember/engine/penalties.py: the
+Only plain decode steps overlap: one token per request, no grammar, thinking budget, images or speculative
+decoding (logprobs are computed on the device and read with the tokens); penalties when their counts are kept on the device (on CUDA, ember/engine/penalties.py: the
 host form reads the tokens so far). Any other step first resolves the step in flight and runs
 as before. On by default on CUDA at tp 1 (`--disable-overlap-schedule`); off on CPU, where the forward runs on the
 host and there is nothing to overlap (the tests turn it on there to check that the tokens are the same).
@@ -23,29 +23,43 @@ import torch
 
 from ember.engine.io_struct import TokenOut
 from ember.engine.request import Req
+from ember.engine.sampler import Sampler
 
 
 @dataclass
 class InFlight:
     """A launched step: its requests, the index of each one's placeholder in its token_ids, its sampled tokens on
-    the device and their host copy (ready once `event` has passed; None on CPU, where it is ready at once)."""
+    the device, and host copies of them and of their logprobs when asked (Sampler.logprobs_on_device's tensors),
+    ready once `event` has passed (None on CPU, where they are ready at once)."""
     reqs: list[Req]
     index: list[int]
     device_ids: torch.Tensor
     host_ids: torch.Tensor
+    logprobs: tuple | None = None
     event: object = None
 
-    def tokens(self) -> list[int]:
+    def read(self) -> tuple[list[int], list]:
+        """(tokens, per-row logprob info or Nones), waiting for this step only."""
         if self.event is not None:
             self.event.synchronize()
-        return self.host_ids.tolist()
+        if self.logprobs is None:
+            return self.host_ids.tolist(), [None] * len(self.reqs)
+        return self.host_ids.tolist(), Sampler.logprob_lists(*self.logprobs, [r.sampling.logprobs for r in self.reqs])
+
+
+def _to_host(t: torch.Tensor | None) -> torch.Tensor | None:
+    """A device tensor's copy into pinned host memory, queued behind the work before it (itself on CPU)."""
+    if t is None or not t.is_cuda:
+        return t
+    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    return host.copy_(t, non_blocking=True)
 
 
 def plain(req: Req, device_penalties: bool) -> bool:
     """Whether a request's next token can be sampled before its previous one is known on the host (penalties: when
     their counts are kept on the device, ember/engine/penalties.py)."""
     sp = req.sampling
-    return (req.grammar is None and sp.logprobs is None and (device_penalties or not sp.penalized)
+    return (req.grammar is None and (device_penalties or not sp.penalized)
             and sp.thinking_budget is None and not req.forced_ids
             and not req.return_prompt_logprobs and getattr(req, "mm", None) is None)
 
@@ -74,20 +88,20 @@ class OverlapStep:
         ids = core.sampler.sample_ids(logits, batch.reqs)
         if core.sampler.penalties is not None:  # the tokens join the penalty counts on the device
             core.sampler.penalties.record(batch.reqs, ids)
-        event = None
-        if ids.is_cuda:  # the host copy, enqueued behind the sampling and awaited only when resolved
-            host = torch.empty(ids.shape, dtype=ids.dtype, pin_memory=True)
-            host.copy_(ids, non_blocking=True)
+        top_ns = [r.sampling.logprobs for r in batch.reqs]
+        logprobs = None
+        if any(n is not None for n in top_ns):
+            logprobs = tuple(map(_to_host, core.sampler.logprobs_on_device(logits, ids, top_ns)))
+        host, event = _to_host(ids), None
+        if ids.is_cuda:  # the host copies, enqueued behind the sampling and awaited only when resolved
             event = torch.cuda.Event()
             event.record()
-        else:
-            host = ids
         index = []
         for row, req in enumerate(batch.reqs):
             req.kv_len += 1
             index.append(len(req.token_ids))
             req.token_ids.append(-(row + 1))
-        self.inflight = InFlight(list(batch.reqs), index, ids, host, event)
+        self.inflight = InFlight(list(batch.reqs), index, ids, host, logprobs, event)
         return self._resolve(prev) if prev is not None else []
 
     def resolve(self) -> list[TokenOut]:
@@ -97,10 +111,10 @@ class OverlapStep:
 
     def _resolve(self, step: InFlight) -> list[TokenOut]:
         core, outs = self.core, []
-        for req, i, tok in zip(step.reqs, step.index, step.tokens()):
+        for req, i, tok, logprob in zip(step.reqs, step.index, *step.read()):
             if req.finished:  # finished (or aborted) at an earlier step: this row is dropped
                 continue
-            core._append_token(req, tok, None, index=i)
+            core._append_token(req, tok, logprob, index=i)
             if req.finished:  # drop the placeholder of a step launched since (the KV it writes is of this token)
                 del req.token_ids[i + 1:]
                 if req in core.scheduler.running:

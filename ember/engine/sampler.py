@@ -126,19 +126,31 @@ class Sampler:
         return token_ids.gather(1, choice).squeeze(1)
 
     @staticmethod
-    def logprobs(raw: torch.Tensor, next_ids: list[int], top_ns: list[int | None]):
+    def logprobs(raw: torch.Tensor, next_ids, top_ns: list[int | None]):
         """Per row: (logprob of the chosen token, [(id, logprob)] top-n), from the raw distribution."""
+        return Sampler.logprob_lists(*Sampler.logprobs_on_device(raw, next_ids, top_ns), top_ns)
+
+    @staticmethod
+    def logprobs_on_device(raw: torch.Tensor, next_ids, top_ns: list[int | None]):
+        """(chosen token's logprob [B], top-n logprobs [B, k], their ids [B, k]) on raw's device, k the largest n
+        (None when no row asks for alternatives); next_ids: a list or a tensor on the device."""
         lp = torch.log_softmax(raw.float(), dim=-1)
         k = max(n or 0 for n in top_ns)
         top_v, top_i = lp.topk(k, dim=-1) if k else (None, None)
-        chosen = lp.gather(1, torch.tensor(next_ids, device=lp.device).unsqueeze(1)).squeeze(1).tolist()
+        ids = next_ids if isinstance(next_ids, torch.Tensor) else torch.tensor(next_ids, device=lp.device)
+        return lp.gather(1, ids.long().unsqueeze(1)).squeeze(1), top_v, top_i
+
+    @staticmethod
+    def logprob_lists(chosen: torch.Tensor, top_v, top_i, top_ns: list[int | None]):
+        """logprobs_on_device's tensors (read here) -> per row: (logprob of the chosen token, [(id, logprob)])."""
+        chosen = chosen.tolist()
+        top_v, top_i = (top_v.tolist(), top_i.tolist()) if top_v is not None else (None, None)
         out = []
         for i, n in enumerate(top_ns):
             if n is None:
                 out.append(None)
                 continue
-            tops = list(zip(top_i[i, :n].tolist(), top_v[i, :n].tolist())) if n else []
-            out.append((chosen[i], tops))
+            out.append((chosen[i], list(zip(top_i[i][:n], top_v[i][:n])) if n else []))
         return out
 
 
