@@ -9,10 +9,11 @@ tokens in place of placeholders (`ModelRunner.future_ids`). Once step N+1 is lau
 (`EngineCore._append_token`, at the placeholder's index). A request that finished at step N was already scheduled
 into N+1: its row there is dropped and its KV for it is never used.
 
-Only plain decode steps overlap: one token per request, no grammar, thinking budget, images or speculative
-decoding (logprobs are computed on the device and read with the tokens); penalties when their counts are kept on the device (on CUDA, ember/engine/penalties.py: the
-host form reads the tokens so far). Any other step first resolves the step in flight and runs
-as before. On by default on CUDA at tp 1 (`--disable-overlap-schedule`); off on CPU, where the forward runs on the
+Only plain decode steps overlap (`plain`): one token per request, no grammar, no thinking budget about to be
+spent, no speculative decoding; penalties when their counts are kept on the device (on CUDA,
+ember/engine/penalties.py: the host form reads the tokens so far); logprobs are computed on the device and read
+with the tokens; images and video need nothing more at decode (M-RoPE positions do not depend on the tokens).
+Any other step first resolves the step in flight and runs as before. On by default on CUDA at tp 1 (`--disable-overlap-schedule`); off on CPU, where the forward runs on the
 host and there is nothing to overlap (the tests turn it on there to check that the tokens are the same).
 """
 from __future__ import annotations
@@ -56,12 +57,14 @@ def _to_host(t: torch.Tensor | None) -> torch.Tensor | None:
 
 
 def plain(req: Req, device_penalties: bool) -> bool:
-    """Whether a request's next token can be sampled before its previous one is known on the host (penalties: when
-    their counts are kept on the device, ember/engine/penalties.py)."""
+    """Whether a request's next token can be sampled before its previous one is known on the host: no grammar (its
+    mask needs that token), penalties only when their counts are kept on the device (ember/engine/penalties.py), no
+    forced tokens, and a thinking budget only while neither the step in flight nor this one can spend it (reading
+    the in-flight step, with this step's placeholder in place, must not yet force the end of thinking)."""
     sp = req.sampling
-    return (req.grammar is None and (device_penalties or not sp.penalized)
-            and sp.thinking_budget is None and not req.forced_ids
-            and not req.return_prompt_logprobs and getattr(req, "mm", None) is None)
+    budget_far = (sp.thinking_budget is None or req.thinking_closed or req.num_output + 1 < sp.thinking_budget)
+    return (req.grammar is None and (device_penalties or not sp.penalized) and budget_far and not req.forced_ids
+            and not req.return_prompt_logprobs)
 
 
 class OverlapStep:

@@ -140,6 +140,25 @@ def test_penalty_requests_overlap_when_their_counts_are_on_the_device(engine):
     assert unpenalized[6:] != plain[6:]  # (the penalties did change the outputs)
 
 
+def test_thinking_budgets_overlap_until_they_are_about_to_be_spent(engine):
+    """A request with a thinking budget overlaps while reading the step in flight cannot spend it; the steps that
+    force the end of thinking run without overlap. The same outputs as without overlap, forced end tokens included."""
+    core = engine.core
+    end_ids = core.tokenizer.encode("</think>", add_special_tokens=False)
+    requests = []
+    for budgets in ([9, 40], [3, 14]):  # (one run each: a request being forced stops the whole batch overlapping)
+        requests = [([20 + i, 21, 22 + i], {"temperature": 0.7 if i else 0, "seed": i, "max_new_tokens": 24,
+                                            "ignore_eos": True, "thinking_budget": b}) for i, b in enumerate(budgets)]
+        requests += [(p, dict(s, max_new_tokens=24)) for p, s in _requests(random.Random(4), 3, core.vocab_size)]
+        plain, _ = _run(engine, False, requests)
+        overlapped, launches = _run(engine, True, requests)
+        assert _same(overlapped, plain)
+        for (ids, *_), b in zip(plain, budgets):  # the end tag (8 tokens here) forced once the budget is spent
+            assert b > 24 or ids[b:b + len(end_ids)] == end_ids
+        with_budget = [len(batch) for batch in launches if any(sp.thinking_budget for sp in batch)]
+        assert len(with_budget) >= 4
+
+
 def test_an_abort_while_a_step_is_in_flight(engine):
     core = engine.core
     engine.flush_cache()

@@ -144,6 +144,18 @@ def run_together(engine, cases, n):
     return [got[r] for r in rids]
 
 
+def three_cases(vl_engine, model_dir):
+    """(ids, mm) of three requests: two images, a video, one image."""
+    cases = []
+    for case in ("two images", "video", "one image"):
+        media = media_for(case, model_dir)
+        parts = [{"type": k} for k, _ in media] + [{"type": "text", "text": f"describe the {case}"}]
+        ids = vl_engine.tokenizer.apply_chat_template([{"role": "user", "content": parts}], add_generation_prompt=True,
+                                                   tokenize=True, return_dict=False)
+        cases.append(expand_prompt(ids, media, vl_engine.core.hf_config))
+    return cases
+
+
 def test_chunked_prefill_inside_images_and_batched_encoding(model_dir, vl_engine):
     """16-token prefill chunks split the images and the video; three requests (two images, a video, one image)
     run in one batch (their items encoded together): the same greedy tokens as unchunked, one at a time."""
@@ -151,13 +163,7 @@ def test_chunked_prefill_inside_images_and_batched_encoding(model_dir, vl_engine
     chunked = Engine(model_path=str(model_dir), dtype="float32", device=os.environ.get("EMBER_TEST_DEVICE", "auto"),
                      cpu_kv_cache_gb=0.25, chunked_prefill_size=16, disable_radix_cache=True)
     try:
-        cases = []
-        for case in ("two images", "video", "one image"):
-            media = media_for(case, model_dir)
-            parts = [{"type": k} for k, _ in media] + [{"type": "text", "text": f"describe the {case}"}]
-            ids = vl_engine.tokenizer.apply_chat_template([{"role": "user", "content": parts}], add_generation_prompt=True,
-                                                       tokenize=True, return_dict=False)
-            cases.append(expand_prompt(ids, media, vl_engine.core.hf_config))
+        cases = three_cases(vl_engine, model_dir)
         assert any(it.offset % 16 + it.length > 16 for _, mm in cases for it in mm.items)  # a chunk splits an item
         expected = [run(vl_engine, ids, mm, 12)[0] for ids, mm in cases]
         vl_engine.flush_cache()
@@ -173,3 +179,24 @@ def test_chunked_prefill_inside_images_and_batched_encoding(model_dir, vl_engine
         assert calls == [4]  # the unchunked batch: the four items of three requests in one encoder pass
     finally:
         chunked.shutdown()
+
+
+def test_overlapped_decode_of_image_and_video_requests(model_dir, vl_engine):
+    """Overlap scheduling (on by default on CUDA; forced on here) takes the decode steps of image and video requests:
+    their M-RoPE positions do not depend on the tokens. The same greedy tokens as without it."""
+    from ember.engine.overlap import OverlapStep
+    core, cases = vl_engine.core, three_cases(vl_engine, model_dir)
+    vl_engine.flush_cache()
+    want = run_together(vl_engine, cases, 10)
+    vl_engine.flush_cache()
+    core.overlap, launched = OverlapStep(core), []
+    launch = core.overlap.launch
+    core.overlap.launch = lambda batch: launched.append(sum(r.mm is not None for r in batch.reqs)) or launch(batch)
+    try:
+        assert run_together(vl_engine, cases, 10) == want
+        while core.has_work():  # (the last step in flight: its requests have all finished)
+            core.step()
+    finally:
+        core.overlap = None
+    assert len(launched) >= 8 and max(launched) == 3
+    pools_balance(core)
