@@ -13,6 +13,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import torch
 
 from ember.engine.sampling_params import SamplingParams
+from ember.host_to_device import to_device
 
 
 def grammar_key(sp: SamplingParams) -> tuple[str, str] | None:
@@ -85,7 +86,7 @@ class GrammarBackend:
     def apply(logits: torch.Tensor, bitmask: tuple[torch.Tensor, list[int]]) -> None:
         import xgrammar as xgr
         mask, rows = bitmask
-        xgr.apply_token_bitmask_inplace(logits, mask.to(logits.device), indices=rows)
+        xgr.apply_token_bitmask_inplace(logits, to_device(mask, logits.device), indices=rows)
 
 
 def schema_to_str(schema) -> str:
