@@ -13,8 +13,9 @@ Only plain decode steps overlap (`plain`): one token per request, no grammar, no
 spent, no speculative decoding; penalties when their counts are kept on the device (on CUDA,
 ember/engine/penalties.py: the host form reads the tokens so far); logprobs are computed on the device and read
 with the tokens; images and video need nothing more at decode (M-RoPE positions do not depend on the tokens).
-Any other step first resolves the step in flight and runs as before. On by default on CUDA at tp 1 (`--disable-overlap-schedule`); off on CPU, where the forward runs on the
-host and there is nothing to overlap (the tests turn it on there to check that the tokens are the same).
+Any other step first resolves the step in flight and runs as before. On by default on CUDA at tp 1
+(`--disable-overlap-schedule`); off on CPU, where the forward runs on the host and there is nothing to overlap (the
+tests turn it on there to check that the tokens are the same).
 """
 from __future__ import annotations
 

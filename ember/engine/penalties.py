@@ -127,7 +127,8 @@ class PenaltyCounts:
         if seen:
             self.prompt_seen.view(-1).index_fill_(0, device_tensor(seen, self.device), True)
         if adds:
-            self.counts.view(-1).index_add_(0, device_tensor(adds, self.device), torch.ones(len(adds), device=self.device))
+            ones = torch.ones(len(adds), device=self.device)
+            self.counts.view(-1).index_add_(0, device_tensor(adds, self.device), ones)
 
     def _take_slot(self) -> int:
         if not self.free:  # grow by doubling

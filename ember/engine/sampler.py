@@ -1,7 +1,7 @@
 """Batched sampling: every request's parameters become a row of a tensor, applied in one pass.
 
-Order (as in vLLM/SGLang): logit_bias, min_tokens (ban EOS), penalties (ember/engine/penalties.py), temperature, then the
-truncations top_k / top_p / min_p / top_a on probabilities, then a draw. Greedy rows take the argmax.
+Order (as in vLLM/SGLang): logit_bias, min_tokens (ban EOS), penalties (ember/engine/penalties.py), temperature,
+then the truncations top_k / top_p / min_p / top_a on probabilities, then a draw. Greedy rows take the argmax.
 Seeded rows draw from their own generator so a seeded request gives the same tokens whatever else is
 in the batch. Work that no request in the batch asks for is skipped.
 """

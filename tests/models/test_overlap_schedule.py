@@ -2,7 +2,8 @@
 without it. It is on only on CUDA; here it is switched on for the same engine on CPU, where each launched step is
 already computed, so what is checked is the bookkeeping: placeholders and their device substitution, tokens read
 one step late, requests that finished at the step just read being dropped from the next, steps that cannot overlap
-(penalties in the host form, grammar, prefill) resolving the step in flight first, preemption, aborts, pools left empty."""
+(penalties in the host form, grammar, prefill) resolving the step in flight first, preemption, aborts, pools left
+empty; logprobs, device-form penalties and thinking budgets overlapping."""
 import random
 
 import pytest

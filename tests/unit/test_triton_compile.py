@@ -1,8 +1,8 @@
-"""The Triton kernels (attention, MoE, RoPE, RMSNorm, SiLU x up) compile for a GPU without one: Triton's whole CUDA pipeline (front
-end, layouts, LLVM, PTX, and cubin through the ptxas its wheel ships) for sm_90 (H100/H200) in bfloat16, at real models'
-shapes, and each fits in the shared memory of a block. What the interpreter cannot check (tl.dot's tile
-constraints, layouts, register and shared-memory budgets) fails here. Runs in a subprocess: the kernels must be
-plain @triton.jit functions, not the interpreted ones test_triton_attention.py makes."""
+"""The Triton kernels (attention, MoE, RoPE, RMSNorm, SiLU x up) compile for a GPU without one: Triton's whole CUDA
+pipeline (front end, layouts, LLVM, PTX, and cubin through the ptxas its wheel ships) for sm_90 (H100/H200) in
+bfloat16, at real models' shapes, and each fits in the shared memory of a block. What the interpreter cannot check
+(tl.dot's tile constraints, layouts, register and shared-memory budgets) fails here. Runs in a subprocess: the
+kernels must be plain @triton.jit functions, not the interpreted ones test_triton_attention.py makes."""
 import os
 import subprocess
 import sys
