@@ -68,7 +68,8 @@ def _compile_all() -> None:
     norm = {"X": "*bf16", "W": "*bf16", "O": "*bf16"}
     compile_one(CASES[10], fused_triton._rms_norm_kernel, norm, dict(D=3584, BLOCK=4096, UNIT_OFFSET=False))
     compile_one(CASES[11], fused_triton._rms_norm_kernel, norm, dict(D=2560, BLOCK=4096, UNIT_OFFSET=True))
-    compile_one(CASES[12], fused_triton._silu_and_mul_kernel, {"X": "*bf16", "O": "*bf16"}, dict(BLOCK=1024, HAS_LIMIT=True))
+    compile_one(CASES[12], fused_triton._silu_and_mul_kernel, {"X": "*bf16", "O": "*bf16"},
+                dict(BLOCK=1024, HAS_LIMIT=True))
 
 
 def test_the_kernels_compile_for_sm90():
