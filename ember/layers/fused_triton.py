@@ -1,4 +1,4 @@
-"""RMSNorm and SiLU(gate) x up, each in one Triton kernel (with the Triton attention backend on a GPU, switched on by
+"""RMSNorm (with the residual add before it, where a layer has one) and SiLU(gate) x up, each in one Triton kernel (with the Triton attention backend on a GPU, switched on by
 ember/layers/triton_layers.py).
 
 In torch a bf16 RMSNorm is ~7 kernels (cast, square, mean, add, rsqrt, multiply, cast, multiply) and the gated
@@ -15,14 +15,18 @@ import triton.language as tl
 
 
 @triton.jit
-def _rms_norm_kernel(X, W, O, stride_xa, stride_xb, B, eps, D: tl.constexpr, BLOCK: tl.constexpr,
-                     UNIT_OFFSET: tl.constexpr):
+def _rms_norm_kernel(X, Delta, Sum, W, O, stride_xa, stride_xb, B, eps, D: tl.constexpr, BLOCK: tl.constexpr,
+                     UNIT_OFFSET: tl.constexpr, HAS_DELTA: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     a, b = row // B, row % B
     d = tl.arange(0, BLOCK)
     ok = d < D
     d = tl.where(ok, d, 0)  # (masked lanes point inside the row all the same)
     x = tl.load(X + a * stride_xa + b * stride_xb + d, mask=ok, other=0.0).to(tl.float32)
+    if HAS_DELTA:  # the residual add first (rounded to the dtype, as torch's), kept in Sum and normed
+        x = (x + tl.load(Delta + row * D + d, mask=ok, other=0.0).to(tl.float32)).to(O.dtype.element_ty)
+        tl.store(Sum + row * D + d, x, mask=ok)
+        x = x.to(tl.float32)
     normed = x * tl.rsqrt(tl.sum(x * x, axis=0) / D + eps)
     w = tl.load(W + d, mask=ok, other=0.0).to(tl.float32)
     if UNIT_OFFSET:
@@ -45,10 +49,25 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, unit_offset: boo
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     rows = x3.shape[0] * x3.shape[1]
     if rows:
-        BLOCK = triton.next_power_of_2(D)
-        _rms_norm_kernel[(rows,)](x3, weight, out, x3.stride(0), x3.stride(1), x3.shape[1], eps, D=D, BLOCK=BLOCK,
-                                  UNIT_OFFSET=unit_offset, num_warps=min(max(BLOCK // 512, 1), 8))
+        _launch_norm(x3, x3, x3, weight, out, eps, unit_offset, False)
     return out
+
+
+def add_rms_norm(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float,
+                 unit_offset: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """x + delta and its RMSNorm in one pass: x, delta [T, D] -> (sum, normed), new contiguous tensors."""
+    x, delta = x.contiguous(), delta.contiguous()
+    total, out = torch.empty_like(x), torch.empty_like(x)
+    if x.shape[0]:
+        _launch_norm(x.unsqueeze(1), delta, total, weight, out, eps, unit_offset, True)
+    return total, out
+
+
+def _launch_norm(x3, delta, total, weight, out, eps, unit_offset, has_delta) -> None:
+    D, BLOCK = x3.shape[-1], triton.next_power_of_2(x3.shape[-1])
+    _rms_norm_kernel[(x3.shape[0] * x3.shape[1],)](
+        x3, delta, total, weight, out, x3.stride(0), x3.stride(1), x3.shape[1], eps, D=D, BLOCK=BLOCK,
+        UNIT_OFFSET=unit_offset, HAS_DELTA=has_delta, num_warps=min(max(BLOCK // 512, 1), 8))
 
 
 @triton.jit

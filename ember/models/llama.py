@@ -73,8 +73,8 @@ class LlamaDecoderLayer(nn.Module):
         return GatedMLP(config.hidden_size, config.intermediate_size, config.hidden_act)
 
     def forward(self, positions, x, batch):
-        x = x + self.self_attn(positions, self.input_layernorm(x), batch)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        x, h = self.post_attention_layernorm.add_norm(x, self.self_attn(positions, self.input_layernorm(x), batch))
+        return x + self.mlp(h)
 
 
 class LlamaModel(nn.Module):

@@ -1,6 +1,6 @@
-"""RMSNorm and SiLU x up in one Triton kernel each (ember/layers/fused_triton.py), under Triton's interpreter, against
-the layers' torch forms: per-head strided views (q / k norms), Gemma's unit-offset weight, widths that are not powers
-of 2, float32 and float16; which layers use_triton_layers switches; tiny engines give the same tokens with them."""
+"""RMSNorm (alone, or after a residual add) and SiLU x up in one Triton kernel each (ember/layers/fused_triton.py),
+under Triton's interpreter, against the layers' torch forms: per-head strided views (q / k norms), Gemma's
+unit-offset weight, widths that are not powers of 2, float32 and float16; which layers use_triton_layers switches; tiny engines give the same tokens with them."""
 import random
 
 import pytest
@@ -49,6 +49,24 @@ def test_rms_norm_matches_the_torch_form(unit_offset, dtype, layout):
     norm.fused = True
     got = norm(x)
     assert got.shape == x.shape and got.dtype == dtype and got.is_contiguous()
+    torch.testing.assert_close(got, want, **(TOL[dtype] if dtype == torch.float32 else dict(atol=0, rtol=0)))
+
+
+@pytest.mark.parametrize("unit_offset", [False, True], ids=["plain", "unit_offset"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_add_then_rms_norm_matches_the_torch_form(unit_offset, dtype):
+    """The residual add and the norm after it (a decoder layer's middle): the sum is the torch sum exactly, the norm
+    as above."""
+    torch.manual_seed(2)
+    T, D = 6, 40
+    norm = RMSNorm(D, 1e-6, unit_offset)
+    norm.weight.data = (torch.randn(D) * 0.5 + (0 if unit_offset else 1)).to(dtype)
+    x = torch.randn(T, 2 * D).mul(2).to(dtype)[:, :D]  # (a strided view: copied to contiguous first)
+    delta = torch.randn(T, D).to(dtype)
+    want_sum, want = norm.add_norm(x, delta)
+    norm.fused = True
+    got_sum, got = norm.add_norm(x, delta)
+    assert torch.equal(got_sum, x + delta) and torch.equal(want_sum, x + delta)
     torch.testing.assert_close(got, want, **(TOL[dtype] if dtype == torch.float32 else dict(atol=0, rtol=0)))
 
 

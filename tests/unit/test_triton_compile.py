@@ -14,7 +14,7 @@ SHARED_LIMIT = 227 * 1024  # bytes per block on sm_90 (sm_80: 163 KB; every case
 # (kernel, head / latent dims as the launchers pick tiles for them)
 CASES = ["decode gqa 32/8 x 128", "decode split-k 8", "combine 8 x 128", "extend gqa 32/8 x 128",
          "mla decode 512+64 split-k 4", "mla extend 512+64", "moe gate_up 16 rows", "moe down 64 rows weighted",
-         "extend gqa 32/8 x 128 tree", "rope 28/4 x 128", "rms_norm 3584", "rms_norm unit offset 2560",
+         "extend gqa 32/8 x 128 tree", "rope 28/4 x 128", "rms_norm 3584", "add + rms_norm unit offset 2560",
          "silu_and_mul 1024 clamped"]
 
 
@@ -65,9 +65,11 @@ def _compile_all() -> None:
     rope = {"Q": "*bf16", "K": "*bf16", "QO": "*bf16", "KO": "*bf16", "Cos": "*fp32", "Sin": "*fp32", "Pos": "*i64"}
     compile_one(CASES[9], rotary_triton._rope_kernel, rope, dict(H=28, HKV=4, HALF=64, D=128, BLOCK_H=32, BLOCK_HKV=4,
                                                                  BLOCK_HALF=64, BLOCK_REST=1))
-    norm = {"X": "*bf16", "W": "*bf16", "O": "*bf16"}
-    compile_one(CASES[10], fused_triton._rms_norm_kernel, norm, dict(D=3584, BLOCK=4096, UNIT_OFFSET=False))
-    compile_one(CASES[11], fused_triton._rms_norm_kernel, norm, dict(D=2560, BLOCK=4096, UNIT_OFFSET=True))
+    norm = {"X": "*bf16", "Delta": "*bf16", "Sum": "*bf16", "W": "*bf16", "O": "*bf16"}
+    compile_one(CASES[10], fused_triton._rms_norm_kernel, norm,
+                dict(D=3584, BLOCK=4096, UNIT_OFFSET=False, HAS_DELTA=False))
+    compile_one(CASES[11], fused_triton._rms_norm_kernel, norm,
+                dict(D=2560, BLOCK=4096, UNIT_OFFSET=True, HAS_DELTA=True))
     compile_one(CASES[12], fused_triton._silu_and_mul_kernel, {"X": "*bf16", "O": "*bf16"},
                 dict(BLOCK=1024, HAS_LIMIT=True))
 
