@@ -8,7 +8,8 @@ roofline from a copy-bandwidth measurement made in the same run.
 
 Sections: `bandwidth` (device-to-device copy: bytes read + written per second) and SHAPE:ENGINE, SHAPE qwen05b
 (Qwen2.5-0.5B) or qwen7b (Qwen2.5-7B), ENGINE `ember` (Triton attention + CUDA graphs + overlap; 0.5B at batch
-1 / 16 / 64, 7B at 1 / 32), `eager` (ember without CUDA graphs, batch 1), `dynamic` (transformers generate, its
+1 / 16 / 64, 7B at 1 / 32), `eager` (ember without CUDA graphs, batch 1), `sampled` (ember with Qwen2.5's
+sampling defaults, repetition penalty included, 0.5B at 1 / 64: the sampler's device-side work), `dynamic` (transformers generate, its
 dynamic cache, same batches) or `static` (its static cache under torch.compile, 0.5B at 64 and 1). Rows go to
 DIR/gpu_bench.json and DIR/gpu_bench.md as they come, so a run cut short keeps what it measured.
 benchmarks/gpu_run.sh runs this and the GPU tests in one command on the device machine.
@@ -36,9 +37,12 @@ SHAPES = {  # Qwen2.5 configs (hub config.json values)
     "smoke": dict(vocab_size=1024, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True),
 }
-BATCHES = {"qwen05b": dict(ember=(1, 16, 64), eager=(1,), dynamic=(1, 16, 64), static=(64, 1)),
-           "qwen7b": dict(ember=(1, 32), eager=(), dynamic=(1, 32), static=()),
-           "smoke": dict(ember=(1, 4), eager=(1,), dynamic=(1, 4), static=(1,))}
+BATCHES = {"qwen05b": dict(ember=(1, 16, 64), eager=(1,), sampled=(1, 64), dynamic=(1, 16, 64), static=(64, 1)),
+           "qwen7b": dict(ember=(1, 32), eager=(), sampled=(), dynamic=(1, 32), static=()),
+           "smoke": dict(ember=(1, 4), eager=(1,), sampled=(4,), dynamic=(1, 4), static=(1,))}
+# what a Qwen2.5-Instruct deployment samples with (its generation_config, ember's --sampling-defaults model): the
+# `sampled` rows run the sampler's truncations and the penalties' device form under overlap scheduling
+QWEN_SAMPLING = {"temperature": 0.7, "top_p": 0.8, "top_k": 20, "repetition_penalty": 1.05, "seed": 0}
 
 
 class Run:
@@ -116,7 +120,7 @@ class Run:
     def prompts(self, batch: int) -> list[list[int]]:
         return [[3 + b] + list(range(300, 300 + PROMPT - 1)) for b in range(batch)]
 
-    def ember(self, shape: str, path: pathlib.Path, batches, graphs: bool):
+    def ember(self, shape: str, path: pathlib.Path, batches, graphs: bool, sampling: dict | None = None):
         from ember import Engine
         if not batches:
             return
@@ -128,7 +132,9 @@ class Run:
             kwargs.update(dtype="bfloat16")
         engine = Engine(model_path=str(path), **kwargs)
         label = "ember (Triton attention, CUDA graphs)" if graphs else "ember (Triton attention, no CUDA graphs)"
-        params = {"max_new_tokens": OUTPUT, "temperature": 0, "ignore_eos": True}
+        if sampling:
+            label = label[:-1] + "; Qwen2.5's sampling: T 0.7, top-p 0.8, top-k 20, repetition 1.05)"
+        params = {"max_new_tokens": OUTPUT, "temperature": 0, "ignore_eos": True, **(sampling or {})}
         try:
             for batch in batches:
                 engine.generate(input_ids=self.prompts(batch), sampling_params=params)  # warm-up: same shapes
@@ -191,8 +197,9 @@ class Run:
             path = self.model(shape)
             self.result.setdefault("weight_bytes", {})[shape] = self.weight_bytes(path)
             batches = BATCHES[shape][engine]
-            if engine in ("ember", "eager"):
-                self.ember(shape, path, batches, graphs=engine == "ember")
+            if engine in ("ember", "eager", "sampled"):
+                self.ember(shape, path, batches, graphs=engine != "eager",
+                           sampling=QWEN_SAMPLING if engine == "sampled" else None)
             else:
                 self.transformers(shape, path, batches, static=engine == "static")
         except Exception as e:  # one engine failing must not lose the others' rows
@@ -221,7 +228,8 @@ def main():
     ap.add_argument("--out", default="benchmarks/results/gpu")
     # (the acceptance numbers first, transformers' compiled static cache, the slowest to set up, last)
     ap.add_argument("--sections", nargs="+", default=["bandwidth", "qwen05b:ember", "qwen7b:ember", "qwen05b:eager",
-                                                      "qwen05b:dynamic", "qwen7b:dynamic", "qwen05b:static"])
+                                                      "qwen05b:dynamic", "qwen7b:dynamic", "qwen05b:static",
+                                                      "qwen05b:sampled"])
     ap.add_argument("--smoke", action="store_true", help="CPU, tiny shapes: checks the script, measures nothing")
     args = ap.parse_args()
     if args.smoke:
