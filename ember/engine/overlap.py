@@ -9,8 +9,9 @@ tokens in place of placeholders (`ModelRunner.future_ids`). Once step N+1 is lau
 (`EngineCore._append_token`, at the placeholder's index). A request that finished at step N was already scheduled
 into N+1: its row there is dropped and its KV for it is never used.
 
-Only plain decode steps overlap (`plain`): one token per request, no grammar, no thinking budget about to be
-spent, no speculative decoding; penalties when their counts are kept on the device (on CUDA,
+Only plain decode steps overlap (`plain`): one token per request, no thinking budget about to be spent, no
+speculative decoding; grammars with the step before read once the forward is launched (their masks need its
+tokens: SGLang's delayed sampling); penalties when their counts are kept on the device (on CUDA,
 ember/engine/penalties.py: the host form reads the tokens so far); logprobs are computed on the device and read
 with the tokens; images and video need nothing more at decode (M-RoPE positions do not depend on the tokens).
 Any other step first resolves the step in flight and runs as before. On by default on CUDA at tp 1
@@ -58,13 +59,13 @@ def _to_host(t: torch.Tensor | None) -> torch.Tensor | None:
 
 
 def plain(req: Req, device_penalties: bool) -> bool:
-    """Whether a request's next token can be sampled before its previous one is known on the host: no grammar (its
-    mask needs that token), penalties only when their counts are kept on the device (ember/engine/penalties.py), no
-    forced tokens, and a thinking budget only while neither the step in flight nor this one can spend it (reading
-    the in-flight step, with this step's placeholder in place, must not yet force the end of thinking)."""
+    """Whether a request's next token can be sampled before its previous one is known on the host: penalties only
+    when their counts are kept on the device (ember/engine/penalties.py), no forced tokens, and a thinking budget
+    only while neither the step in flight nor this one can spend it (reading the in-flight step, with this step's
+    placeholder in place, must not yet force the end of thinking). Grammars: see OverlapStep.launch."""
     sp = req.sampling
     budget_far = (sp.thinking_budget is None or req.thinking_closed or req.num_output + 1 < sp.thinking_budget)
-    return (req.grammar is None and (device_penalties or not sp.penalized) and budget_far and not req.forced_ids
+    return ((device_penalties or not sp.penalized) and budget_far and not req.forced_ids
             and not req.return_prompt_logprobs)
 
 
@@ -82,14 +83,21 @@ class OverlapStep:
         return all(n == 1 for n in batch.extend_lens) and all(plain(r, device_penalties) for r in batch.reqs)
 
     def launch(self, batch) -> list[TokenOut]:
-        """Run `batch` (a plain decode step) without reading its tokens; then resolve the step before it."""
+        """Run `batch` (a plain decode step) without reading its tokens; then resolve the step before it. With
+        grammars the step before is resolved first, once the forward is launched (SGLang's delayed sampling): the
+        masks need its tokens accepted, and the host fills them while the device runs the forward."""
         core, prev = self.core, self.inflight
         core.runner.future_ids = prev.device_ids if prev is not None else None
         try:
             logits = core.runner.forward(batch.reqs, batch.extend_lens)
         finally:
             core.runner.future_ids = None
-        ids = core.sampler.sample_ids(logits, batch.reqs)
+        outs, mask = [], None
+        if any(r.grammar is not None for r in batch.reqs):
+            outs, prev = (self._resolve(prev) if prev is not None else []), None
+            matchers = [None if r.finished else r.grammar for r in batch.reqs]  # (finished just now: rows dropped)
+            mask = core.grammar.bitmask(matchers)
+        ids = core.sampler.sample_ids(logits, batch.reqs, mask)
         if core.sampler.penalties is not None:  # the tokens join the penalty counts on the device
             core.sampler.penalties.record(batch.reqs, ids)
         top_ns = [r.sampling.logprobs for r in batch.reqs]
@@ -102,11 +110,14 @@ class OverlapStep:
             event.record()
         index = []
         for row, req in enumerate(batch.reqs):
+            if req.finished:  # (read above: its row is dropped)
+                index.append(None)
+                continue
             req.kv_len += 1
             index.append(len(req.token_ids))
             req.token_ids.append(-(row + 1))
         self.inflight = InFlight(list(batch.reqs), index, ids, host, logprobs, event)
-        return self._resolve(prev) if prev is not None else []
+        return outs + (self._resolve(prev) if prev is not None else [])
 
     def resolve(self) -> list[TokenOut]:
         """Read the step in flight, if any, and report its tokens (before any other step reads token_ids)."""

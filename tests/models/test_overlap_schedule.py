@@ -43,9 +43,12 @@ def _run(engine, overlap: bool, requests, device_penalties=False):
         assert core.runner.future_ids is not None or not any(r.finished for r in reqs)
         return forward(reqs, lens, **kw)
 
+    finished = []
+
     def checked_finish(req):
         """A finished request holds no placeholder: what the prefix cache takes is its real tokens."""
         assert min(req.token_ids) >= 0
+        finished.append(req)
         return finish(req)
     core.runner.forward, core.scheduler.finish = checked_forward, checked_finish
     try:
@@ -54,6 +57,7 @@ def _run(engine, overlap: bool, requests, device_penalties=False):
         core.overlap, core.sampler.penalties = None, None
         del core.runner.forward, core.scheduler.finish
     assert_pools_empty(engine)
+    assert all(min(r.token_ids) >= 0 and r.kv_len <= len(r.token_ids) for r in finished)  # (nothing after finish)
     return [(o["output_ids"], o["text"], o["meta_info"]["finish_reason"], o["meta_info"]["completion_tokens"],
              o["meta_info"].get("output_token_logprobs")) for o in outs], launches
 
@@ -108,8 +112,8 @@ def test_overlapped_decode_gives_the_same_outputs(engine):
 
 
 def test_steps_that_cannot_overlap_resolve_the_step_in_flight_first(engine):
-    """Requests that read their own tokens (penalties in the host form) or need a mask (grammar) join running plain
-    ones: those steps run without overlap, after the step in flight has been read."""
+    """Requests that read their own tokens (penalties in the host form) join running plain ones: those steps run
+    without overlap, after the step in flight has been read."""
     rng = random.Random(1)
     requests = _requests(rng, 8, engine.core.vocab_size)
     greedy = {"temperature": 0, "ignore_eos": True, "max_new_tokens": 10}
@@ -120,6 +124,24 @@ def test_steps_that_cannot_overlap_resolve_the_step_in_flight_first(engine):
     plain, _ = _run(engine, False, requests)
     overlapped, launches = _run(engine, True, requests)
     assert _same(overlapped, plain) and launches
+
+
+def test_grammar_requests_overlap_with_the_step_before_read_first(engine):
+    """Structured output overlaps too: the step in flight is read once the next forward is launched, its tokens
+    accepted by the matchers, then the masks filled and the step sampled. Requests that finish at the step read
+    (a grammar that ends, a stop string) keep their row in the launched step, dropped. Same outputs as without."""
+    rng = random.Random(6)
+    requests = _requests(rng, 5, engine.core.vocab_size)
+    greedy = {"temperature": 0, "max_new_tokens": 24}
+    requests += [([14, 15, 16], dict(greedy, regex="[a-d]{2,9}")),
+                 ([17, 18], {"temperature": 0.9, "seed": 3, "max_new_tokens": 24, "regex": "(ab|cd)+e?"}),
+                 ([19, 20, 21], dict(greedy, json_schema='{"type": "object", "properties": {"a": {"type": "integer"}}}')),
+                 ([22, 23], dict(greedy, regex="[0-9]{30}", logprobs=1))]
+    plain, _ = _run(engine, False, requests)
+    overlapped, launches = _run(engine, True, requests)
+    assert _same(overlapped, plain)
+    assert sum(sp.regex is not None or sp.json_schema is not None for batch in launches for sp in batch) > 30
+    assert plain[5][2]["type"] == "stop" and plain[8][2]["type"] == "length"  # (a grammar that ended; one cut short)
 
 
 def test_penalty_requests_overlap_when_their_counts_are_on_the_device(engine):
