@@ -1,5 +1,5 @@
-"""RMSNorm (with the residual add before it, where a layer has one) and SiLU(gate) x up, each in one Triton kernel (with the Triton attention backend on a GPU, switched on by
-ember/layers/triton_layers.py).
+"""RMSNorm (with the residual add before it, where a layer has one) and SiLU(gate) x up, each in one Triton kernel
+(with the Triton attention backend on a GPU, switched on by ember/layers/triton_layers.py).
 
 In torch a bf16 RMSNorm is ~7 kernels (cast, square, mean, add, rsqrt, multiply, cast, multiply) and the gated
 MLP's activation 2; at decode on a GPU each small kernel costs microseconds whatever its size, and a step runs a few
