@@ -135,7 +135,8 @@ def test_grammar_requests_overlap_with_the_step_before_read_first(engine):
     greedy = {"temperature": 0, "max_new_tokens": 24}
     requests += [([14, 15, 16], dict(greedy, regex="[a-d]{2,9}")),
                  ([17, 18], {"temperature": 0.9, "seed": 3, "max_new_tokens": 24, "regex": "(ab|cd)+e?"}),
-                 ([19, 20, 21], dict(greedy, json_schema='{"type": "object", "properties": {"a": {"type": "integer"}}}')),
+                 ([19, 20, 21], dict(greedy, json_schema='{"type": "object", "properties": {"a": {"type": "integer"}}}'
+                                     )),
                  ([22, 23], dict(greedy, regex="[0-9]{30}", logprobs=1))]
     plain, _ = _run(engine, False, requests)
     overlapped, launches = _run(engine, True, requests)

@@ -1,6 +1,7 @@
 """RMSNorm (alone, or after a residual add) and SiLU x up in one Triton kernel each (ember/layers/fused_triton.py),
 under Triton's interpreter, against the layers' torch forms: per-head strided views (q / k norms), Gemma's
-unit-offset weight, widths that are not powers of 2, float32 and float16; which layers use_triton_layers switches; tiny engines give the same tokens with them."""
+unit-offset weight, widths that are not powers of 2, float32 and float16; which layers use_triton_layers switches;
+tiny engines give the same tokens with them."""
 import random
 
 import pytest
