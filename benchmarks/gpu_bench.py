@@ -10,8 +10,9 @@ Sections: `bandwidth` (device-to-device copy: bytes read + written per second) a
 (Qwen2.5-0.5B) or qwen7b (Qwen2.5-7B), ENGINE `ember` (Triton attention + CUDA graphs + overlap; 0.5B at batch
 1 / 16 / 64, 7B at 1 / 32), `eager` (ember without CUDA graphs, batch 1), `sampled` (ember with Qwen2.5's
 sampling defaults, repetition penalty included, 0.5B at 1 / 64: the sampler's device-side work), `dynamic`
-(transformers generate, its dynamic cache, same batches) or `static` (its static cache under torch.compile, 0.5B at 64 and 1). Rows go to
-DIR/gpu_bench.json and DIR/gpu_bench.md as they come, so a run cut short keeps what it measured.
+(transformers generate, its dynamic cache, same batches) or `static` (its static cache under torch.compile, 0.5B
+at 64 and 1). Rows go to DIR/gpu_bench.json and DIR/gpu_bench.md as they come, so a run cut short keeps what it
+measured.
 benchmarks/gpu_run.sh runs this and the GPU tests in one command on the device machine.
 """
 from __future__ import annotations
