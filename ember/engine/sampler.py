@@ -52,8 +52,10 @@ class Sampler:
             logits.view(-1).index_fill_(0, device_tensor(flat, logits.device, torch.long), float("-inf"))
         if counted or repetition:  # (ember/engine/penalties.py: on the device, or at the seen tokens' indices)
             if self.penalties is not None and all(isinstance(r, Req) for r in reqs):
-                rows = [i for i, sp in enumerate(sps) if sp.penalized]
-                self.penalties.apply(logits, [reqs[i] for i in rows], rows)
+                # (not a request that finished at the step overlap just read, grammars: its row is dropped)
+                rows = [i for i, (r, sp) in enumerate(zip(reqs, sps)) if sp.penalized and not r.finished]
+                if rows:
+                    self.penalties.apply(logits, [reqs[i] for i in rows], rows)
             else:
                 penalize_seen(logits, reqs, counted, repetition)
         return logits

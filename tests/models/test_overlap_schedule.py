@@ -137,12 +137,15 @@ def test_grammar_requests_overlap_with_the_step_before_read_first(engine):
                  ([17, 18], {"temperature": 0.9, "seed": 3, "max_new_tokens": 24, "regex": "(ab|cd)+e?"}),
                  ([19, 20, 21], dict(greedy, json_schema='{"type": "object", "properties": {"a": {"type": "integer"}}}'
                                      )),
-                 ([22, 23], dict(greedy, regex="[0-9]{30}", logprobs=1))]
+                 ([22, 23], dict(greedy, regex="[0-9]{30}", logprobs=1)),
+                 ([24, 25], dict(greedy, regex="[a-f]{3,7}", repetition_penalty=1.5))]  # (device form below)
     plain, _ = _run(engine, False, requests)
-    overlapped, launches = _run(engine, True, requests)
+    overlapped, launches = _run(engine, True, requests, device_penalties=True)
     assert _same(overlapped, plain)
     assert sum(sp.regex is not None or sp.json_schema is not None for batch in launches for sp in batch) > 30
     assert plain[5][2]["type"] == "stop" and plain[8][2]["type"] == "length"  # (a grammar that ended; one cut short)
+    assert plain[9][2]["type"] == "stop" and plain[9][0] != _run(engine, False, [(requests[9][0], dict(
+        greedy, regex="[a-f]{3,7}"))])[0][0][0]  # (the penalty acted)
 
 
 def test_penalty_requests_overlap_when_their_counts_are_on_the_device(engine):
