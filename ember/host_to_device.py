@@ -21,3 +21,8 @@ def to_device(t: torch.Tensor, device) -> torch.Tensor:
 def device_tensor(values, device, dtype: torch.dtype | None = None) -> torch.Tensor:
     """torch.tensor(values, dtype=dtype, device=device), by to_device."""
     return to_device(torch.tensor(values, dtype=dtype), device)
+
+
+def device_column(values, device, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """One value per row as a [B, 1] column on `device` (per-request sampling parameters against [B, V] rows)."""
+    return device_tensor(values, device, dtype).unsqueeze(1)

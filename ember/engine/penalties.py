@@ -21,7 +21,7 @@ from itertools import chain
 
 import torch
 
-from ember.host_to_device import device_tensor
+from ember.host_to_device import device_column, device_tensor
 
 
 def frequency_presence(vals: torch.Tensor, counts: torch.Tensor, freq: torch.Tensor, pres: torch.Tensor):
@@ -79,17 +79,17 @@ class PenaltyCounts:
         self._update(reqs)
         sps = [r.sampling for r in reqs]
         slots = device_tensor([self.slots[r] for r in reqs], self.device)
-        col = lambda vals: device_tensor(vals, self.device, torch.float32).unsqueeze(1)  # noqa: E731
         every = rows == list(range(logits.shape[0]))
         index = None if every else device_tensor(rows, self.device)
         vals = logits if every else logits.index_select(0, index)
         counts = self.counts.index_select(0, slots)
         if any(sp.frequency_penalty or sp.presence_penalty for sp in sps):
-            vals = frequency_presence(vals, counts, col([sp.frequency_penalty for sp in sps]),
-                                      col([sp.presence_penalty for sp in sps]))
+            vals = frequency_presence(vals, counts, device_column([sp.frequency_penalty for sp in sps], self.device),
+                                      device_column([sp.presence_penalty for sp in sps], self.device))
         if any(sp.repetition_penalty != 1.0 for sp in sps):
             seen = self.prompt_seen.index_select(0, slots) | (counts > 0)
-            vals = torch.where(seen, repetition(vals, col([sp.repetition_penalty for sp in sps])), vals)
+            rep = device_column([sp.repetition_penalty for sp in sps], self.device)
+            vals = torch.where(seen, repetition(vals, rep), vals)
         if every:
             logits.copy_(vals)
         else:

@@ -11,7 +11,7 @@ import torch
 
 from ember.engine.penalties import PenaltyCounts, penalize_seen
 from ember.engine.request import Req
-from ember.host_to_device import device_tensor
+from ember.host_to_device import device_column, device_tensor
 
 
 class Sampler:
@@ -24,7 +24,7 @@ class Sampler:
         self.penalties = PenaltyCounts(vocab_size, device) if device_penalties else None
 
     def _col(self, values, dtype=torch.float32):
-        return device_tensor(values, self.device, dtype).unsqueeze(1)
+        return device_column(values, self.device, dtype)
 
     def apply_penalties_and_bias(self, logits: torch.Tensor, reqs: list[Req]) -> torch.Tensor:
         """logits with logit_bias, min_tokens and the penalties applied: a copy when any applies, else logits itself
