@@ -28,8 +28,11 @@ class RMSNorm(nn.Module):
             return (xf * (1.0 + self.weight.float())).to(dtype)
         return self.weight * xf.to(dtype)
 
-    def add_norm(self, x: torch.Tensor, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(x + delta, this norm of it): a residual add and the norm after it, one kernel when fused."""
+    def add_norm(self, x: torch.Tensor, delta: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x + delta, this norm of it): a residual add and the norm after it, one kernel when fused (delta None:
+        nothing to add, (x, norm(x)))."""
+        if delta is None:
+            return x, self(x)
         if self.fused:
             from ember.layers.fused_triton import add_rms_norm
             return add_rms_norm(x, delta, self.weight, self.eps, self.unit_offset)

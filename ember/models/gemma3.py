@@ -11,6 +11,7 @@ from ember.layers.mlp import GatedMLP
 from ember.layers.norm import RMSNorm
 from ember.layers.rotary import RotaryEmbedding
 from ember.models.llama import LlamaAttention, LlamaForCausalLM, head_dim_of
+from ember.models.residual import PreNormDecoderLayer, run_layers
 
 
 def layer_types_of(config) -> list[str]:
@@ -27,7 +28,7 @@ class Gemma3Attention(LlamaAttention):
     norm_unit_offset = True
 
 
-class Gemma3DecoderLayer(nn.Module):
+class Gemma3DecoderLayer(PreNormDecoderLayer):
     def __init__(self, config, layer_id: int, rotary: RotaryEmbedding, sliding: bool):
         super().__init__()
         self.self_attn = Gemma3Attention(config, layer_id, rotary, group="swa" if sliding else "full",
@@ -39,9 +40,12 @@ class Gemma3DecoderLayer(nn.Module):
         self.pre_feedforward_layernorm = RMSNorm(config.hidden_size, eps, unit_offset=True)
         self.post_feedforward_layernorm = RMSNorm(config.hidden_size, eps, unit_offset=True)
 
-    def forward(self, positions, x, batch):
-        x = x + self.post_attention_layernorm(self.self_attn(positions, self.input_layernorm(x), batch))
-        return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
+    def forward_residual(self, positions, x, delta, batch):
+        """Gemma's sandwich: the attention and MLP outputs are normed before they join the stream."""
+        x, h = self.input_layernorm.add_norm(x, delta)
+        x, h = self.pre_feedforward_layernorm.add_norm(x, self.post_attention_layernorm(self.self_attn(positions, h,
+                                                                                                       batch)))
+        return x, self.post_feedforward_layernorm(self.mlp(h))
 
 
 class Gemma3Model(nn.Module):
@@ -64,9 +68,7 @@ class Gemma3Model(nn.Module):
     def forward(self, batch):
         x = self.embed_tokens(batch.input_ids)
         x = x * torch.tensor(self.embed_scale, dtype=x.dtype)
-        for layer in self.layers:
-            x = layer(batch.positions, x, batch)
-        return self.norm(x)
+        return self.norm.add_norm(*run_layers(self.layers, batch.positions, x, batch))[1]
 
 
 class Gemma3ForCausalLM(LlamaForCausalLM):

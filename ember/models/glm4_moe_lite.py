@@ -31,6 +31,7 @@ from ember.layers.moe import MoEExperts, route_sigmoid
 from ember.layers.norm import RMSNorm
 from ember.layers.rotary import RotaryEmbedding
 from ember.models.llama import LlamaForCausalLM, LlamaModel
+from ember.models.residual import PreNormDecoderLayer
 
 # transformers' Glm4MoeLiteRMSNorm default: the q/kv latent norms do not take config.rms_norm_eps
 LATENT_NORM_EPS = 1e-6
@@ -150,7 +151,7 @@ class Glm4MoeLiteMoE(nn.Module):
         return y if self.shared_experts is None else tp_all_reduce(y + self.shared_experts(x))
 
 
-class Glm4MoeLiteDecoderLayer(nn.Module):
+class Glm4MoeLiteDecoderLayer(PreNormDecoderLayer):
     def __init__(self, config, layer_id: int, rotary: RotaryEmbedding):
         super().__init__()
         self.self_attn = Glm4MoeLiteAttention(config, layer_id, rotary)
@@ -158,10 +159,6 @@ class Glm4MoeLiteDecoderLayer(nn.Module):
                     else GatedMLP(config.hidden_size, config.intermediate_size, config.hidden_act))
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-
-    def forward(self, positions, x, batch):
-        x = x + self.self_attn(positions, self.input_layernorm(x), batch)
-        return x + self.mlp(self.post_attention_layernorm(x))
 
 
 class Glm4MoeLiteMTPLayer(Glm4MoeLiteDecoderLayer):

@@ -14,6 +14,7 @@ from ember.layers.linear import ParallelLMHead, QKVParallelLinear, RowParallelLi
 from ember.layers.mlp import GatedMLP
 from ember.layers.norm import RMSNorm
 from ember.layers.rotary import RotaryEmbedding
+from ember.models.residual import PreNormDecoderLayer, run_layers
 from ember.loader.weight_loading import load_weights
 
 logger = logging.getLogger("ember.models")
@@ -58,7 +59,7 @@ class LlamaAttention(nn.Module):
         return self.o_proj(self.attn(q, k, v, batch))
 
 
-class LlamaDecoderLayer(nn.Module):
+class LlamaDecoderLayer(PreNormDecoderLayer):
     attention_cls = LlamaAttention
 
     def __init__(self, config, layer_id: int, rotary: RotaryEmbedding):
@@ -71,10 +72,6 @@ class LlamaDecoderLayer(nn.Module):
     def make_mlp(self, config, layer_id: int) -> nn.Module:
         """The feed-forward block of this layer (MoE models return their sparse block here)."""
         return GatedMLP(config.hidden_size, config.intermediate_size, config.hidden_act)
-
-    def forward(self, positions, x, batch):
-        x, h = self.post_attention_layernorm.add_norm(x, self.self_attn(positions, self.input_layernorm(x), batch))
-        return x + self.mlp(h)
 
 
 class LlamaModel(nn.Module):
@@ -89,9 +86,7 @@ class LlamaModel(nn.Module):
 
     def forward(self, batch):
         x = self.embed_tokens(batch.input_ids)
-        for layer in self.layers:
-            x = layer(batch.positions, x, batch)
-        return self.norm(x)
+        return self.norm.add_norm(*run_layers(self.layers, batch.positions, x, batch))[1]
 
 
 class LlamaForCausalLM(nn.Module):

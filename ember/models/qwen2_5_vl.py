@@ -15,6 +15,7 @@ from ember.layers.norm import RMSNorm
 from ember.layers.rotary import RotaryEmbedding, rotate_in_float32
 from ember.models.llama import head_dim_of
 from ember.models.qwen2 import Qwen2ForCausalLM, Qwen2Model
+from ember.models.residual import run_layers
 
 
 # ------------------------------------------------------------------ text side: M-RoPE
@@ -62,9 +63,7 @@ class Qwen2_5_VLTextModel(Qwen2Model):
                 x = x.index_copy(0, mm.rows, mm.embeds.to(x.dtype))
             if mm.positions is not None:
                 positions = mm.positions
-        for layer in self.layers:
-            x = layer(positions, x, batch)
-        return self.norm(x)
+        return self.norm.add_norm(*run_layers(self.layers, positions, x, batch))[1]
 
 
 # ------------------------------------------------------------------ vision tower

@@ -33,6 +33,7 @@ from ember.layers.moe import MoEExperts, RouterGate, route_sigmoid
 from ember.layers.norm import RMSNorm
 from ember.layers.rotary import RotaryEmbedding
 from ember.models.llama import LlamaForCausalLM, head_dim_of
+from ember.models.residual import PreNormDecoderLayer, run_layers
 
 SLIDING, FULL = "sliding_attention", "full_attention"
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.(.*)$")
@@ -123,7 +124,7 @@ class Step3p5Attention(nn.Module):
         return self.o_proj(out)
 
 
-class Step3p5DecoderLayer(nn.Module):
+class Step3p5DecoderLayer(PreNormDecoderLayer):
     def __init__(self, config, layer_id: int, layer_type: str, sparse: bool, rotary: RotaryEmbedding):
         super().__init__()
         H, eps = config.hidden_size, config.rms_norm_eps
@@ -142,10 +143,6 @@ class Step3p5DecoderLayer(nn.Module):
         if self.sparse:
             return tp_all_reduce(self.moe(x) + self.share_expert(x))  # one all-reduce for both (tp > 1)
         return self.mlp(x)
-
-    def forward(self, positions, x, batch):
-        x = x + self.self_attn(positions, self.input_layernorm(x), batch)
-        return x + self.feed_forward(self.post_attention_layernorm(x))
 
 
 class Step3p5SharedHead(nn.Module):
@@ -189,9 +186,7 @@ class Step3p5Model(nn.Module):
 
     def forward(self, batch):
         x = self.embed_tokens(batch.input_ids)
-        for layer in self.layers:
-            x = layer(batch.positions, x, batch)
-        return self.norm(x)
+        return self.norm.add_norm(*run_layers(self.layers, batch.positions, x, batch))[1]
 
 
 class Step3p5ForCausalLM(LlamaForCausalLM):

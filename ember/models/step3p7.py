@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ember.layers.rotary import rotate_in_float32
+from ember.models.residual import run_layers
 from ember.models.step3p5 import Step3p5ForCausalLM, Step3p5Model
 
 _ACT = {"quick_gelu": lambda x: x * torch.sigmoid(1.702 * x), "gelu": F.gelu, "silu": F.silu,
@@ -30,9 +31,7 @@ class Step3p7TextModel(Step3p5Model):
         x = self.embed_tokens(ids)
         if mm is not None and mm.rows.numel():
             x = x.index_copy(0, mm.rows, mm.embeds.to(x.dtype))
-        for layer in self.layers:
-            x = layer(batch.positions, x, batch)
-        return self.norm(x)
+        return self.norm.add_norm(*run_layers(self.layers, batch.positions, x, batch))[1]
 
 
 class VisionAttention(nn.Module):
