@@ -1,10 +1,11 @@
-"""Host data to the device without waiting for the device.
+"""Host data to the device, and device results to the host, without waiting for the device.
 
 `tensor.to("cuda")` from ordinary (pageable) memory makes PyTorch synchronize the stream after the copy: the host
 waits for every kernel queued before it. Per step the batch builder, the attention backends and the sampler copy a
 dozen small tensors up, so each of those waits would stall the host behind the step in flight and undo overlap
 scheduling (ember/engine/overlap.py). From pinned memory with non_blocking=True the copy is queued like a kernel
-(PyTorch's pinned-memory cache keeps the source alive until it has run). On CPU these are plain tensors.
+(PyTorch's pinned-memory cache keeps the source alive until it has run). The other way, `to_host` queues a copy
+into pinned memory that the host reads once an event says it has run. On CPU these are plain tensors.
 """
 from __future__ import annotations
 
@@ -16,6 +17,15 @@ def to_device(t: torch.Tensor, device) -> torch.Tensor:
     if not str(device).startswith("cuda"):
         return t.to(device)
     return t.pin_memory().to(device, non_blocking=True)
+
+
+def to_host(t: torch.Tensor | None) -> torch.Tensor | None:
+    """A device tensor's copy into pinned host memory, queued behind the work before it; read it once that work is
+    done (a CUDA event: ember/engine/overlap.py). A CPU tensor is returned as it is."""
+    if t is None or not t.is_cuda:
+        return t
+    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    return host.copy_(t, non_blocking=True)
 
 
 def device_tensor(values, device, dtype: torch.dtype | None = None) -> torch.Tensor:

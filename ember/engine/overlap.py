@@ -27,18 +27,18 @@ import torch
 from ember.engine.io_struct import TokenOut
 from ember.engine.request import Req
 from ember.engine.sampler import Sampler
+from ember.host_to_device import to_host
 
 
 @dataclass
 class InFlight:
     """A launched step: its requests, the index of each one's placeholder in its token_ids, its sampled tokens on
-    the device, and host copies of them and of their logprobs when asked (Sampler.logprobs_on_device's tensors),
-    ready once `event` has passed (None on CPU, where they are ready at once)."""
+    the device, and host copies of them and of their logprobs when asked (host_to_device.to_host), ready once `event` has passed (None on CPU, where they are ready at once)."""
     reqs: list[Req]
     index: list[int]
     device_ids: torch.Tensor
     host_ids: torch.Tensor
-    logprobs: tuple | None = None
+    logprobs: tuple | None = None  # Sampler.logprob_lists' arguments: the three tensors and the rows' top-n counts
     event: object = None
 
     def read(self) -> tuple[list[int], list]:
@@ -47,15 +47,7 @@ class InFlight:
             self.event.synchronize()
         if self.logprobs is None:
             return self.host_ids.tolist(), [None] * len(self.reqs)
-        return self.host_ids.tolist(), Sampler.logprob_lists(*self.logprobs, [r.sampling.logprobs for r in self.reqs])
-
-
-def _to_host(t: torch.Tensor | None) -> torch.Tensor | None:
-    """A device tensor's copy into pinned host memory, queued behind the work before it (itself on CPU)."""
-    if t is None or not t.is_cuda:
-        return t
-    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-    return host.copy_(t, non_blocking=True)
+        return self.host_ids.tolist(), Sampler.logprob_lists(*self.logprobs)
 
 
 def plain(req: Req, device_penalties: bool) -> bool:
@@ -103,8 +95,8 @@ class OverlapStep:
         top_ns = [r.sampling.logprobs for r in batch.reqs]
         logprobs = None
         if any(n is not None for n in top_ns):
-            logprobs = tuple(map(_to_host, core.sampler.logprobs_on_device(logits, ids, top_ns)))
-        host, event = _to_host(ids), None
+            logprobs = (*map(to_host, core.sampler.logprobs_on_device(logits, ids, top_ns)), top_ns)
+        host, event = to_host(ids), None
         if ids.is_cuda:  # the host copies, enqueued behind the sampling and awaited only when resolved
             event = torch.cuda.Event()
             event.record()
