@@ -282,15 +282,34 @@ def test_triton_backend_tree_masks_equal_the_torch_backends(window, mla):
     torch.testing.assert_close(outs[1], outs[0], atol=2e-5 if mla else ATOL, rtol=0)
 
 
-def test_torch_backend_decode_metadata_equals_the_general_one():
-    """TorchSDPABackend's decode-step shortcut builds what its general path builds."""
-    rng = random.Random(0)
+def _decode_group_batches(seed: int, windows=(None,)):
+    """Decode steps: ragged page tables (some longer than the position needs, as a request holding its next
+    page), prefixes on page boundaries and inside pages, page sizes 1 to 16, the given windows."""
+    rng = random.Random(seed)
     for trial in range(50):
         P = rng.choice([1, 4, 16])
         prefix = [rng.choice([0, 1, P - 1, P, rng.randint(1, 100)]) if trial % 5 else 37
                   for _ in range(rng.randint(1, 6))]
-        tables = [rng.sample(range(1, 500), p // P + 1) for p in prefix]
-        gb = GroupBatch(prefix, [1] * len(prefix), tables, P, None, "cpu")
+        tables = [rng.sample(range(1, 500), p // P + 1 + rng.randint(0, 1)) for p in prefix]
+        yield trial, GroupBatch(prefix, [1] * len(prefix), tables, P, rng.choice(windows), "cpu")
+
+
+def test_triton_backend_decode_metadata_equals_the_general_one():
+    """TritonBackend's decode-step shortcut (one int32 tensor sliced into the vectors and the page table, each slice
+    16-byte aligned) builds what its general path builds."""
+    for trial, gb in _decode_group_batches(1, (None, 5)):
+        a, b = TritonBackend._decode(gb), TritonBackend._general(gb)
+        for name in ("write_slots", "page_table", "prefix_lens", "q_lens", "q_loc", "seq_lens"):
+            x, y = getattr(a, name), getattr(b, name)
+            assert x.dtype == y.dtype and torch.equal(x, y), (trial, name)
+            assert x.data_ptr() % 16 == 0, (trial, name)  # (Triton specializes on 16-byte aligned pointers)
+        for name in ("max_seq_len", "page_size", "window", "batch_size", "max_q", "trees"):
+            assert getattr(a, name) == getattr(b, name), (trial, name)
+
+
+def test_torch_backend_decode_metadata_equals_the_general_one():
+    """TorchSDPABackend's decode-step shortcut builds what its general path builds."""
+    for trial, gb in _decode_group_batches(0):
         a, b = TorchSDPABackend._decode(gb), TorchSDPABackend._general(gb)
         for name in ("write_slots", "kv_slots", "q_pad_index", "kv_lens"):
             assert torch.equal(getattr(a, name), getattr(b, name)), (trial, name)
