@@ -33,7 +33,8 @@ from ember.host_to_device import to_host
 @dataclass
 class InFlight:
     """A launched step: its requests, the index of each one's placeholder in its token_ids, its sampled tokens on
-    the device, and host copies of them and of their logprobs when asked (host_to_device.to_host), ready once `event` has passed (None on CPU, where they are ready at once)."""
+    the device, and host copies of them and of their logprobs when asked (host_to_device.to_host), ready once
+    `event` has passed (None on CPU, where they are ready at once)."""
     reqs: list[Req]
     index: list[int]
     device_ids: torch.Tensor

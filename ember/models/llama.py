@@ -14,8 +14,8 @@ from ember.layers.linear import ParallelLMHead, QKVParallelLinear, RowParallelLi
 from ember.layers.mlp import GatedMLP
 from ember.layers.norm import RMSNorm
 from ember.layers.rotary import RotaryEmbedding
-from ember.models.residual import PreNormDecoderLayer, run_layers
 from ember.loader.weight_loading import load_weights
+from ember.models.residual import PreNormDecoderLayer, run_layers
 
 logger = logging.getLogger("ember.models")
 

@@ -86,8 +86,9 @@ _PLAIN: dict = {}
 
 
 def _plain(engine, name: str, prompt, params: dict) -> dict:
-    """Speculation off's output for (model, prompt, params), from an emptied prefix cache: computed once for all the
-    tests and cases that compare against it (the engine is deterministic; float32 decode is most of this file's time)."""
+    """Speculation off's output for (model, prompt, params), from an emptied prefix cache: computed once for all
+    the tests and cases that compare against it (the engine is deterministic; float32 decode is most of this
+    file's time)."""
     key = (name, json.dumps(prompt), json.dumps(params, sort_keys=True))
     if key not in _PLAIN:
         engine.flush_cache()
