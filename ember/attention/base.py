@@ -25,6 +25,11 @@ class GroupBatch:
     # nodes at their own positions, each seeing only its ancestors among them
     trees: list | None = None
 
+    def decode_slots(self) -> list[int]:
+        """A decode step's KV slot per request: where its one new token (at position q_start) is written."""
+        P = self.page_size
+        return [t[p // P] * P + p % P for t, p in zip(self.page_tables, self.q_start)]
+
 
 class AttentionBackend:
     """Base class; see the module docstring. `name` is the --attention-backend value."""

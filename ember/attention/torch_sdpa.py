@@ -40,7 +40,7 @@ class TorchSDPABackend(AttentionBackend):
             valid = torch.arange(max_k).unsqueeze(0) < k_len.unsqueeze(1)
             kv_slots = torch.where(valid, kv_slots, torch.zeros_like(kv_slots))
             mask = to_device(valid.view(B, 1, 1, max_k), device)
-        write_slots = torch.tensor([t[p // P] * P + p % P for t, p in zip(tables, pos)])
+        write_slots = torch.tensor(gb.decode_slots())
         rows = torch.arange(B, device=device)
         return AttentionMetadata(write_slots=to_device(write_slots, device),
                                  kv_slots=to_device(kv_slots.contiguous(), device), mask=mask, q_pad_index=rows,

@@ -64,7 +64,6 @@ class TritonBackend(AttentionBackend):
         slices of one device tensor."""
         B, P = len(gb.q_start), gb.page_size
         width = max(len(t) for t in gb.page_tables)
-        slots = [t[s // P] * P + s % P for t, s in zip(gb.page_tables, gb.q_start)]
         # rows of B4 >= B int32s, so that every slice starts 16-byte aligned as a tensor of its own would (Triton
         # compiles a kernel apart for unaligned pointers)
         B4, pad = -(-B // 4) * 4, [0] * (-B % 4)
@@ -74,8 +73,9 @@ class TritonBackend(AttentionBackend):
             ints += [0] * (width - len(t))
         up = device_ints(ints, gb.device, torch.int32)
         prefix, q_lens, q_loc, seq_lens = up[:4 * B4].view(4, B4)[:, :B]  # (prefix, new tokens, row, prefix + new)
-        return PagedMetadata(device_ints(slots, gb.device, torch.long), up[4 * B4:].view(B, width), prefix,
-                             q_lens, q_loc, seq_lens, max(gb.q_start) + 1, P, gb.window, B, 1)
+        slots = device_ints(gb.decode_slots(), gb.device, torch.long)
+        return PagedMetadata(slots, up[4 * B4:].view(B, width), prefix, q_lens, q_loc, seq_lens, max(gb.q_start) + 1,
+                             P, gb.window, B, 1)
 
     def forward(self, layer, q, k, v, meta: PagedMetadata, kv_cache) -> torch.Tensor:
         k_cache, v_cache = kv_cache.layer(layer.layer_id)

@@ -68,7 +68,7 @@ class Gemma3Model(nn.Module):
     def forward(self, batch):
         x = self.embed_tokens(batch.input_ids)
         x = x * torch.tensor(self.embed_scale, dtype=x.dtype)
-        return self.norm.add_norm(*run_layers(self.layers, batch.positions, x, batch))[1]
+        return run_layers(self.layers, batch.positions, x, batch, self.norm)
 
 
 class Gemma3ForCausalLM(LlamaForCausalLM):

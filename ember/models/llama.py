@@ -86,7 +86,7 @@ class LlamaModel(nn.Module):
 
     def forward(self, batch):
         x = self.embed_tokens(batch.input_ids)
-        return self.norm.add_norm(*run_layers(self.layers, batch.positions, x, batch))[1]
+        return run_layers(self.layers, batch.positions, x, batch, self.norm)
 
 
 class LlamaForCausalLM(nn.Module):

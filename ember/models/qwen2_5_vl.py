@@ -63,7 +63,7 @@ class Qwen2_5_VLTextModel(Qwen2Model):
                 x = x.index_copy(0, mm.rows, mm.embeds.to(x.dtype))
             if mm.positions is not None:
                 positions = mm.positions
-        return self.norm.add_norm(*run_layers(self.layers, positions, x, batch))[1]
+        return run_layers(self.layers, positions, x, batch, self.norm)
 
 
 # ------------------------------------------------------------------ vision tower

@@ -30,15 +30,12 @@ class PreNormDecoderLayer(nn.Module):
         return x + delta
 
 
-def run_layers(layers, positions, x: torch.Tensor, batch) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The decoder layers over the embeddings x: (stream, last output not yet added); `final_norm.add_norm(*...)`
-    gives the normed hidden states, `pre_norm_hidden(*...)` the pre-norm ones."""
+def run_layers(layers, positions, x: torch.Tensor, batch, final_norm=None) -> torch.Tensor:
+    """The decoder layers over the embeddings x, then `final_norm` (which adds the last layer's output: one kernel
+    with it on the GPU); without one, the last layer's output as it is (the pre-norm hidden states)."""
     delta = None
     for layer in layers:
         x, delta = layer.forward_residual(positions, x, delta, batch)
-    return x, delta
-
-
-def pre_norm_hidden(x: torch.Tensor, delta: torch.Tensor | None) -> torch.Tensor:
-    """run_layers' pair as the last layer's output, before the final norm."""
+    if final_norm is not None:
+        return final_norm.add_norm(x, delta)[1]
     return x if delta is None else x + delta

@@ -186,7 +186,7 @@ class Step3p5Model(nn.Module):
 
     def forward(self, batch):
         x = self.embed_tokens(batch.input_ids)
-        return self.norm.add_norm(*run_layers(self.layers, batch.positions, x, batch))[1]
+        return run_layers(self.layers, batch.positions, x, batch, self.norm)
 
 
 class Step3p5ForCausalLM(LlamaForCausalLM):

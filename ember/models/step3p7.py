@@ -31,7 +31,7 @@ class Step3p7TextModel(Step3p5Model):
         x = self.embed_tokens(ids)
         if mm is not None and mm.rows.numel():
             x = x.index_copy(0, mm.rows, mm.embeds.to(x.dtype))
-        return self.norm.add_norm(*run_layers(self.layers, batch.positions, x, batch))[1]
+        return run_layers(self.layers, batch.positions, x, batch, self.norm)
 
 
 class VisionAttention(nn.Module):

@@ -6,13 +6,13 @@ from __future__ import annotations
 import torch
 
 from ember.engine.logit_rows import logit_rows, split_rows
-from ember.models.residual import pre_norm_hidden, run_layers
+from ember.models.residual import run_layers
 
 
 def target_hidden(model, batch) -> torch.Tensor:
     """The target's last pre-norm hidden state at every token of the batch [T, H] (model.model.forward, unnormed)."""
     inner = model.model
-    return pre_norm_hidden(*run_layers(inner.layers, batch.positions, inner.embed_tokens(batch.input_ids), batch))
+    return run_layers(inner.layers, batch.positions, inner.embed_tokens(batch.input_ids), batch)
 
 
 def forward_with_hidden(runner, reqs, lens, full_rows):
